@@ -1,0 +1,5 @@
+import sys
+
+from ipu_diffusion.cli import main
+
+sys.exit(main())

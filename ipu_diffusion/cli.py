@@ -1,0 +1,113 @@
+"""Command line: ``python -m ipu_diffusion {train,sample,eval} ...``.
+
+Errors the user can fix (config, data, run directory) print one line and exit with
+status 2; they never show a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from ipu_diffusion.config import ConfigError, RunConfig, load_config
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ipu_diffusion",
+                                description="Train, sample and evaluate diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML run config")
+    t.add_argument("--config", help="YAML run config (see pipeline_configs/); with --resume "
+                   "it defaults to the config saved in the workdir")
+    t.add_argument("--workdir", help="run directory for checkpoints, samples, logs "
+                   "(default: runs/<run.name>)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set training.steps=500 (repeatable)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in the workdir")
+
+    s = sub.add_parser("sample", help="sample images from a trained run (EMA weights)")
+    s.add_argument("--workdir", required=True, help="run directory written by train")
+    s.add_argument("--num", type=int, default=64, help="number of images")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim",
+                   help="ancestral DDPM or DDIM (Song et al. 2021)")
+    s.add_argument("--steps", type=int, default=50, help="sampling steps (respaced)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--out", help="output prefix (default: <workdir>/sample_<sampler><steps>)")
+    return p
+
+
+def _load_for_train(args) -> RunConfig:
+    config = args.config
+    if config is None:
+        saved = os.path.join(args.workdir or "", "config.yaml")
+        if args.resume and args.workdir and os.path.exists(saved):
+            config = saved
+        else:
+            raise ConfigError("train needs --config FILE (or --resume with a --workdir that "
+                              "holds config.yaml)")
+    return load_config(config, args.overrides)
+
+
+def configure_devices(cfg: RunConfig) -> None:
+    """Logical CPU devices for pipeline stages or CPU replicas, before TensorFlow starts."""
+    from ipu_diffusion.devices import ensure_logical_cpus
+
+    need = 1
+    if cfg.pipeline.stages > 1:
+        need = max(cfg.pipeline.device_mapping or range(cfg.pipeline.stages)) + 1
+    if cfg.training.strategy == "mirrored":
+        need = max(need, cfg.training.num_replicas)
+    ensure_logical_cpus(need)
+
+
+def cmd_train(args) -> int:
+    cfg = _load_for_train(args)
+    configure_devices(cfg)
+    from ipu_diffusion.training.run import train
+
+    metrics = train(cfg, args.workdir or cfg.workdir, resume=args.resume)
+    print(f"done: {metrics['steps']} steps in {metrics['wall_time_s']} s; "
+          f"samples: {metrics['samples']}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from ipu_diffusion.training.run import CONFIG_FILE, build_run, restore_latest
+    from ipu_diffusion.training.generate import sample_images
+    from ipu_diffusion.visualize import save_image_grid
+
+    cfg = load_config(os.path.join(args.workdir, CONFIG_FILE))
+    configure_devices(cfg)
+    run = build_run(cfg, args.workdir)
+    step = restore_latest(run, required=True)
+    images = sample_images(run, args.num, args.seed, sampler=args.sampler, steps=args.steps,
+                           eta=args.eta, progress=True)
+    prefix = args.out or os.path.join(args.workdir, f"sample_{args.sampler}{args.steps}")
+    save_image_grid(images, prefix + ".png")
+    np.savez_compressed(prefix + ".npz", images=images, step=step)
+    print(f"wrote {prefix}.png and {prefix}.npz ({len(images)} images, checkpoint step {step})")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from ipu_diffusion.data import DataError
+    from ipu_diffusion.training.run import RunError
+
+    handlers = {"train": cmd_train, "sample": cmd_sample}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

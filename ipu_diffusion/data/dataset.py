@@ -1,0 +1,128 @@
+"""The single entry to the data: :func:`load_arrays` and :func:`make_dataset`.
+
+``make_dataset`` streams batches from in-memory arrays with tf.data ops only, so it is
+deterministic under a seed and its iterator can be saved and restored with
+``tf.train.Checkpoint`` (resuming yields exactly the next batch):
+
+- epoch ``e`` visits the examples in the order ``perm_e``, a permutation drawn
+  statelessly from ``(seed, e)``; epochs are chained, so global example position
+  ``p`` holds example ``perm_{p // N}[p % N]`` (a batch may span two epochs);
+- batch ``b`` carries ``index = b*B .. b*B+B-1``, the global positions ``p``; the
+  trainer keys per-example randomness on it (:mod:`ipu_diffusion.rng`), and so does
+  the optional horizontal flip here.
+
+This order and flip are the ones :mod:`ipu_diffusion.training.stream` draws, so both
+give identical batches for one seed.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from ipu_diffusion import rng
+from ipu_diffusion.data.arrays import load_npz, load_tfds
+from ipu_diffusion.data.common import DataError, to_unit_range
+from ipu_diffusion.data.digits import load_digits_split
+from ipu_diffusion.data.folder import load_folder
+
+SPLITS = ("train", "test")
+SALT_FLIP = rng.salt_of("random_flip")
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def load_raw(run_config, split: str = "train") -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Images as the source holds them -- uint8 ``[N, H, W, C]`` in [0, 255] (folder, npz,
+    tfds) or float32 in [-1, 1] (digits) -- at ``model.image_size`` with
+    ``model.in_channels`` channels, and int32 labels ``[N]`` or None."""
+    if split not in SPLITS:
+        raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    data, size, channels = run_config.data, run_config.model.image_size, run_config.model.in_channels
+    if channels not in (1, 3):
+        raise DataError(f"model.in_channels {channels} is not supported by the data sources; "
+                        "use 1 (grey) or 3 (RGB)")
+    if data.source == "digits":
+        images, labels = load_digits_split(size, channels, data.test_fraction, split)
+    elif data.source == "tfds":
+        images, labels = load_tfds(data.tfds_name, data.path, split, size, channels)
+    elif split == "test":
+        raise DataError(f"data.source {data.source!r} has no held-out test split (only 'digits' "
+                        "and 'tfds' have one); evaluate against split 'train'")
+    elif data.source == "folder":
+        images, labels = load_folder(data.path, size, channels)
+    elif data.source == "npz":
+        images, labels = load_npz(data.path, size, channels)
+    else:
+        raise DataError(f"data.source {data.source!r} is not one of digits, folder, npz, tfds")
+    _check_label_config(run_config, labels)
+    return images, labels
+
+
+def _check_label_config(run_config, labels: Optional[np.ndarray]) -> None:
+    data, num_classes = run_config.data, run_config.model.num_classes
+    if not data.use_labels:
+        return
+    if labels is None:
+        raise DataError(f"data.use_labels is true but data.source {data.source!r} at "
+                        f"{data.path or '(embedded)'!r} has no labels (folder: put images in "
+                        "one subfolder per class; npz: add a 'labels' array)")
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise DataError(f"model.num_classes {num_classes} is too small: the labels go up to "
+                        f"{int(labels.max())}; set model.num_classes >= {int(labels.max()) + 1}")
+
+
+def load_arrays(run_config, split: str = "train") -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(images float32 [N, H, W, C] in [-1, 1], labels int32 [N] or None)`` for ``split``
+    ("train" or "test") of ``run_config.data``; H = W = ``model.image_size`` and
+    C = ``model.in_channels``."""
+    images, labels = load_raw(run_config, split)
+    if images.dtype == np.uint8:
+        images = to_unit_range(images)
+    return images, labels
+
+
+def _positions(num: int, seed: int) -> tf.data.Dataset:
+    """Infinite int32 stream of example ids: epoch ``e`` is ``perm_e`` drawn from (seed, e)."""
+    seed_t = tf.constant(seed, tf.int64)
+
+    def epoch_order(epoch):
+        u = tf.random.stateless_uniform([num], seed=tf.stack([seed_t, epoch]))
+        return tf.data.Dataset.from_tensor_slices(tf.argsort(u, stable=True, output_type=tf.int32))
+
+    return tf.data.Dataset.range(_INT64_MAX).flat_map(epoch_order)
+
+
+def make_dataset(run_config, batch_size: int, seed: int, split: str = "train") -> tf.data.Dataset:
+    """Infinite, shuffled, deterministic batches as dicts:
+
+    - ``image`` float32 ``[B, H, W, C]`` in [-1, 1], randomly flipped left-right when
+      ``data.random_flip`` (Ho et al. 2020, appendix B), keyed by ``(seed, index)``;
+    - ``label`` int32 ``[B]`` (zeros when the source has no labels);
+    - ``index`` int64 ``[B]``: batch ``b`` holds ``b*B .. b*B+B-1``.
+
+    Built from in-memory arrays with tf.data ops only: the iterator is checkpointable
+    with ``tf.train.Checkpoint(iterator=it)``.
+    """
+    if batch_size <= 0:
+        raise DataError(f"batch_size must be > 0, got {batch_size}")
+    images, labels = load_raw(run_config, split)
+    num = int(images.shape[0])
+    images_t = tf.constant(images)  # uint8 stays uint8 in memory: a quarter of float32
+    labels_t = tf.constant(labels if labels is not None else np.zeros(num, np.int32), tf.int32)
+    flip = run_config.data.random_flip
+
+    def assemble(step, idx):
+        pos = step * batch_size + tf.range(batch_size, dtype=tf.int64)  # [B]
+        x = tf.gather(images_t, idx)
+        if x.dtype == tf.uint8:
+            x = tf.cast(x, tf.float32) / 127.5 - 1.0
+        if flip:
+            keys = rng.example_keys(seed, 0, pos)
+            mirrored = rng.uniform(keys, (), SALT_FLIP) < 0.5  # [B]
+            x = tf.where(mirrored[:, None, None, None], tf.reverse(x, axis=[2]), x)
+        return {"image": x, "label": tf.gather(labels_t, idx), "index": pos}
+
+    ds = _positions(num, seed).batch(batch_size, drop_remainder=True).enumerate()
+    ds = ds.map(assemble, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)

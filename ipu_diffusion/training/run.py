@@ -1,0 +1,214 @@
+"""One training run: workdir, strategy, model, checkpoint/resume, ``fit``, samples, metrics."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from ipu_diffusion._keras import keras
+from ipu_diffusion.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from ipu_diffusion.training import callbacks as cb
+from ipu_diffusion.training.objective import DiffusionObjective
+from ipu_diffusion.training.stream import training_stream
+from ipu_diffusion.training.trainer import DiffusionTrainer, build_optimizer_state, make_optimizer
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class RunError(RuntimeError):
+    """A problem with the run directory or the run as a whole; says what to do."""
+
+
+@dataclass
+class Run:
+    """Everything a built run holds; ``train`` fits it, ``sample``/``eval`` restore it."""
+
+    cfg: RunConfig
+    workdir: str
+    strategy: Any
+    unet: Any
+    objective: DiffusionObjective
+    trainer: DiffusionTrainer
+    checkpoint: tf.train.Checkpoint
+    manager: tf.train.CheckpointManager
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer.optimizer.iterations.numpy())
+
+
+def make_strategy(cfg: RunConfig):
+    t = cfg.training
+    if t.strategy == "default":
+        return tf.distribute.get_strategy()
+    if t.strategy == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        devices = [d.name for d in gpus][: t.num_replicas or None]
+    else:
+        cpus = tf.config.list_logical_devices("CPU")
+        want = t.num_replicas or 1
+        if len(cpus) < want:
+            raise RunError(f"training.num_replicas: {want} replicas need {want} logical CPU devices "
+                           f"but {len(cpus)} exist; configure them before TensorFlow starts")
+        devices = [d.name for d in cpus[:want]]
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def set_precision(precision: str) -> None:
+    keras.mixed_precision.set_global_policy(precision)
+
+
+def build_run(cfg: RunConfig, workdir: str) -> Run:
+    """Build model, objective, trainer and checkpoint (nothing is restored yet)."""
+    from ipu_diffusion.models.unet import build_unet
+
+    if cfg.training.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(cfg.run.seed)
+    set_precision(cfg.training.precision)
+    strategy = make_strategy(cfg)
+    if cfg.pipeline.stages > 1 and strategy.num_replicas_in_sync > 1:
+        raise ConfigError("training.strategy: data-parallel replicas with pipeline.stages > 1 "
+                          "run on IPUs only (ipu.replicas); use strategy 'default' here")
+    with strategy.scope():
+        unet = build_unet(cfg.model)
+        objective = DiffusionObjective(cfg.diffusion, cfg.model.num_classes if cfg.data.use_labels else 0,
+                                       cfg.training.class_dropout)
+        executor = _pipeline_executor(cfg, unet, objective)
+        trainer = DiffusionTrainer(unet, objective, cfg.training, seed=cfg.run.seed,
+                                   global_batch=cfg.training.batch_size, executor=executor)
+        trainer.compile(optimizer=make_optimizer(cfg.training),
+                        steps_per_execution=cfg.training.steps_per_execution,
+                        jit_compile=cfg.training.jit_compile)
+        build_optimizer_state(trainer)
+    objects = {"unet": unet.keras_model, "optimizer": trainer.optimizer, "ema": trainer.ema}
+    sampler_state = getattr(objective.sampler, "checkpoint_objects", None)
+    if sampler_state:
+        objects["timestep_sampler"] = sampler_state
+    checkpoint = tf.train.Checkpoint(**objects)
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(workdir, CHECKPOINT_DIR),
+                                         max_to_keep=cfg.training.keep_checkpoints)
+    return Run(cfg, workdir, strategy, unet, objective, trainer, checkpoint, manager)
+
+
+def _pipeline_executor(cfg: RunConfig, unet, objective: DiffusionObjective):
+    if cfg.pipeline.stages <= 1:
+        return None
+    from ipu_diffusion.pipeline.fallback import build_executor
+
+    return build_executor(unet, objective, cfg.pipeline, global_batch=cfg.training.batch_size)
+
+
+def restore_latest(run: Run, required: bool) -> int:
+    """Restore the newest complete checkpoint; returns its step (0 when there is none)."""
+    latest = run.manager.latest_checkpoint
+    if latest is None:
+        if required:
+            raise RunError(f"no checkpoint in {os.path.join(run.workdir, CHECKPOINT_DIR)}; "
+                           "train first: python -m ipu_diffusion train --config FILE --workdir DIR")
+        return 0
+    try:
+        run.checkpoint.restore(latest).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+        raise RunError(f"checkpoint {latest} does not fit this config (different model?): "
+                       f"{str(e).splitlines()[0]}") from None
+    return run.step
+
+
+def prepare_workdir(cfg: RunConfig, workdir: str, resume: bool) -> None:
+    """Create the workdir; refuse to mix runs; write the resolved config."""
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK):
+        raise RunError(f"workdir {workdir} is not writable")
+    saved = os.path.join(workdir, CONFIG_FILE)
+    has_ckpt = tf.train.latest_checkpoint(os.path.join(workdir, CHECKPOINT_DIR)) is not None
+    if has_ckpt and not resume:
+        raise RunError(f"workdir {workdir} already holds a run; pass --resume to continue it "
+                       "or choose another --workdir")
+    if resume and os.path.exists(saved):
+        old = load_config(saved)
+        if to_dict(old)["model"] != to_dict(cfg)["model"]:
+            raise RunError(f"workdir {workdir} holds a run with a different model config; "
+                           "resume it with its own config (omit --config) or use a new --workdir")
+    save_config(cfg, saved)
+
+
+def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
+          verbose: int = 1) -> Dict[str, Any]:
+    """Train to ``cfg.training.steps``; returns (and writes) ``metrics.json``'s content."""
+    from ipu_diffusion.data import load_arrays
+    from ipu_diffusion.training.generate import sample_images
+    from ipu_diffusion.visualize import save_image_grid
+
+    workdir = workdir or cfg.workdir
+    prepare_workdir(cfg, workdir, resume)
+    run = build_run(cfg, workdir)
+    start = restore_latest(run, required=False)
+    t = cfg.training
+    images, labels = load_arrays(cfg, "train")
+
+    def stream_from(step: int):
+        return training_stream(images, labels if cfg.data.use_labels else None, t.batch_size,
+                               cfg.run.seed, start_step=step, random_flip=cfg.data.random_flip)
+
+    tb = cb.TensorBoardCallback(os.path.join(workdir, "tensorboard"), t.log_every)
+    throughput = cb.ThroughputCallback(t.batch_size)
+    ckpt = cb.CheckpointCallback(run.manager, t.checkpoint_every)
+    grid = cb.SampleGridCallback(
+        workdir, t.sample_every,
+        lambda step: sample_images(run, t.num_sample_images, seed=cfg.run.seed),
+        save_image_grid, t.steps, tb)
+    callbacks = [throughput, tb, ckpt, grid]
+    began = time.time()
+    history = _fit_in_chunks(run, stream_from, start, t.steps, t.log_every, callbacks, verbose)
+    wall = time.time() - began
+    metrics = {
+        "steps": run.step, "resumed_from": start, "wall_time_s": round(wall, 2),
+        "img_per_s": round(throughput.img_per_s, 2),
+        "final_loss": history.get("loss"), "final_grad_norm": history.get("grad_norm"),
+        "samples": os.path.join(workdir, "samples.png"),
+    }
+    write_json(os.path.join(workdir, "metrics.json"), metrics)
+    return metrics
+
+
+def _fit_in_chunks(run: Run, stream_from, start: int, total: int, chunk: int, callbacks,
+                   verbose: int) -> Dict[str, float]:
+    """``fit`` with one Keras "epoch" per ``chunk`` steps (one progress bar each).
+
+    A start or end that is not a multiple of ``chunk`` (a resume after an interrupt, or
+    ``steps`` not a multiple of ``log_every``) gets its own short ``fit`` call; each call
+    reads the stream from the current step, so the data order is unchanged.
+    """
+    segments = []
+    head_end = min(total, -(-start // chunk) * chunk)
+    body_end = max(head_end, total // chunk * chunk)
+    if head_end > start:
+        segments.append((start, head_end, head_end - start))
+    if body_end > head_end:
+        segments.append((head_end, body_end, chunk))
+    if total > body_end:
+        segments.append((body_end, total, total - body_end))
+    logs: Dict[str, float] = {}
+    for begin, end, per_epoch in segments:
+        h = run.trainer.fit(stream_from(begin), initial_epoch=begin // per_epoch,
+                            epochs=end // per_epoch, steps_per_epoch=per_epoch,
+                            callbacks=callbacks, verbose=verbose)
+        logs = {k: float(v[-1]) for k, v in h.history.items()}
+    return logs
+
+
+def write_json(path: str, data: Dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    os.replace(tmp, path)

@@ -1,0 +1,170 @@
+"""``keras.Model`` integration: a train_step over the diffusion objective, EMA, warmup.
+
+``DiffusionTrainer.fit`` gives progress bars and callbacks for free. Gradients come from
+one device (a ``tf.GradientTape`` over front -> U-Net -> loss) or, with
+``pipeline.stages > 1``, from the pipeline executor, which returns the same accumulated
+gradients; either way the update, clipping, EMA and metrics below are shared.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import tensorflow as tf
+
+from ipu_diffusion import rng
+from ipu_diffusion._keras import IS_KERAS3, keras
+from ipu_diffusion.config import TrainingConfig
+from ipu_diffusion.training.objective import DiffusionObjective
+
+
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then constant (Ho et al. 2020)."""
+
+    def __init__(self, lr: float, warmup_steps: int):
+        super().__init__()
+        self.lr = float(lr)
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        if self.warmup_steps <= 0:
+            return tf.constant(self.lr)
+        return self.lr * tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"lr": self.lr, "warmup_steps": self.warmup_steps}
+
+
+def make_optimizer(cfg: TrainingConfig):
+    """Adam with warmup; fp16 gets dynamic loss scaling."""
+    opt = keras.optimizers.Adam(learning_rate=WarmupSchedule(cfg.lr, cfg.warmup_steps),
+                                beta_1=cfg.adam_beta1, beta_2=cfg.adam_beta2, epsilon=cfg.adam_eps)
+    if cfg.precision == "mixed_float16":
+        opt = keras.mixed_precision.LossScaleOptimizer(opt)
+    return opt
+
+
+class EMA(tf.Module):
+    """Exponential moving average of weights, kept in float32 shadow variables.
+
+    decay_n = min(decay, (1 + n) / (10 + n)) at update n, so early averages are not
+    dominated by the random initialisation. ONLY_FIRST_REPLICA aggregation lets the
+    update run in replica context under tf.distribute (every replica computes the same
+    value from synchronised weights).
+    """
+
+    def __init__(self, variables: List[Any], decay: float):
+        super().__init__(name="ema")
+        self.decay = float(decay)
+        self.shadow = [
+            tf.Variable(tf.convert_to_tensor(v), trainable=False, name=f"ema_{i}",
+                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            for i, v in enumerate(variables)
+        ]
+
+    def update(self, variables: List[Any], step: tf.Tensor) -> None:
+        n = tf.cast(step, tf.float32)
+        decay = tf.minimum(self.decay, (1.0 + n) / (10.0 + n))
+        for s, v in zip(self.shadow, variables):
+            s.assign(decay * s + (1.0 - decay) * tf.cast(tf.convert_to_tensor(v), s.dtype))
+
+    def copy_to(self, variables: List[Any]) -> None:
+        for s, v in zip(self.shadow, variables):
+            v.assign(tf.convert_to_tensor(s))
+
+
+class DiffusionTrainer(keras.Model):
+    """Trains ``unet`` on ``objective``; ``fit`` expects batches from training.stream."""
+
+    def __init__(self, unet, objective: DiffusionObjective, cfg: TrainingConfig, seed: int,
+                 global_batch: int, executor=None, **kwargs):
+        super().__init__(**kwargs)
+        self.unet = unet
+        self.objective = objective
+        self.train_cfg = cfg
+        self.seed = int(seed)
+        self.global_batch = int(global_batch)
+        self.executor = executor
+        self.ema = EMA(unet.trainable_variables, cfg.ema_decay)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.gnorm_tracker = keras.metrics.Mean(name="grad_norm")
+        self.lr_tracker = keras.metrics.Mean(name="lr")
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.gnorm_tracker, self.lr_tracker]
+
+    def call(self, inputs, training=False):
+        return self.unet.keras_model(inputs, training=training)
+
+    def carry_from_batch(self, data: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """The step's input carry: images, per-example keys and (optionally) labels."""
+        carry = {"x0": data["image"], "key": rng.example_keys(self.seed, 0, data["index"])}
+        if self.objective.num_classes:
+            carry["y"] = tf.cast(data["label"], tf.int32)
+        return carry
+
+    def per_example_losses(self, carry: Dict[str, tf.Tensor], training: bool = True):
+        """front -> U-Net -> loss on one device; returns (terms dict, front outputs)."""
+        carry = dict(carry)
+        carry.update(self.objective.front(carry))
+        inputs = {k: carry[k] for k in self.unet.input_keys}
+        carry["out"] = self.unet.keras_model(inputs, training=training)
+        return self.objective.terms(carry), carry
+
+    def _single_device_gradients(self, carry):
+        variables = self.unet.trainable_variables
+        with tf.GradientTape() as tape:
+            terms, full = self.per_example_losses(carry)
+            loss = tf.reduce_sum(terms["loss"]) / self.global_batch
+            scaled = self._scale_loss(loss)
+        grads = tape.gradient(scaled, variables)
+        self.objective.update_sampler(full["t"], terms["loss"])
+        return loss, self._unscale(grads)
+
+    def _scale_loss(self, loss):
+        opt = self.optimizer
+        if IS_KERAS3:
+            return opt.scale_loss(loss) if hasattr(opt, "scale_loss") else loss
+        return opt.get_scaled_loss(loss) if hasattr(opt, "get_scaled_loss") else loss
+
+    def _unscale(self, grads):
+        if not IS_KERAS3 and hasattr(self.optimizer, "get_unscaled_gradients"):
+            return self.optimizer.get_unscaled_gradients(grads)
+        return grads  # Keras 3's LossScaleOptimizer unscales inside apply_gradients
+
+    def train_step(self, data):
+        carry = self.carry_from_batch(data)
+        if self.executor is not None:
+            loss, grads, _ = self.executor.gradients(carry, training=True)
+        else:
+            loss, grads = self._single_device_gradients(carry)
+        variables = self.unet.trainable_variables
+        gnorm = tf.linalg.global_norm(grads)
+        if self.train_cfg.grad_clip > 0:
+            grads, _ = tf.clip_by_global_norm(grads, self.train_cfg.grad_clip, use_norm=gnorm)
+        step = self.optimizer.iterations
+        lr = self.optimizer.learning_rate
+        lr = lr(step) if callable(lr) else lr
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self.ema.update(variables, step)
+        self.loss_tracker.update_state(loss * self.distribute_strategy.num_replicas_in_sync)
+        self.gnorm_tracker.update_state(gnorm)
+        self.lr_tracker.update_state(lr)
+        return {m.name: m.result() for m in self.metrics}
+
+
+def build_optimizer_state(trainer: DiffusionTrainer) -> None:
+    """Create the optimizer's slot variables now, so a checkpoint can restore them."""
+    opt = trainer.optimizer
+    variables = trainer.unet.trainable_variables
+    if IS_KERAS3:
+        opt.build(variables)
+    else:  # Keras 2: slots are created by _create_all_weights
+        inner = getattr(opt, "inner_optimizer", opt)
+        inner._create_all_weights(variables)  # noqa: SLF001 (no public equivalent in Keras 2)
+
+
+def ema_weights_into(trainer: DiffusionTrainer, target_unet) -> None:
+    """Copy the EMA weights into ``target_unet`` (same architecture) for sampling."""
+    trainer.ema.copy_to(target_unet.trainable_variables)

@@ -1,0 +1,64 @@
+"""Strict config loading: every bad value names its key path, overrides, round trip."""
+import glob
+import os
+
+import pytest
+
+from ipu_diffusion.config import ConfigError, config_from_dict, load_config, save_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"model": {"chh": 1}}, "model.chh: unknown key"),
+    ({"modle": {}}, "modle: unknown key"),
+    ({"diffusion": {"schedule": "cosin"}}, "diffusion.schedule: 'cosin' is not allowed"),
+    ({"training": {"steps": "ten"}}, "training.steps: expected an integer"),
+    ({"training": {"lr": True}}, "training.lr: expected a number"),
+    ({"training": {"jit_compile": "yes"}}, "training.jit_compile: expected true or false"),
+    ({"model": {"ch_mult": [1, "a"]}}, "model.ch_mult[1]: expected an integer"),
+    ({"model": {"ch": -4}}, "model.ch: -4 must be > 0"),
+    ({"model": {"dropout": 1.5}}, "model.dropout: 1.5 must be in [0, 1)"),
+    ({"model": {"learn_sigma": True}}, "model.learn_sigma"),
+    ({"pipeline": {"stages": 2, "cuts": ["a", "b"]}}, "pipeline.cuts: 2 cut(s) make 3 stages"),
+    ({"pipeline": {"stages": 2, "blocks_per_stage": [3, 0]}}, "has an empty stage"),
+    ({"pipeline": {"stages": 2, "device_mapping": [0]}}, "pipeline.device_mapping"),
+    ({"pipeline": {"microbatches": 3}, "training": {"batch_size": 8}}, "not divisible"),
+    ({"training": 5}, "training: expected a mapping"),
+])
+def test_bad_values_name_the_key(data, fragment):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert fragment in str(err.value)
+
+
+def test_overrides_parse_yaml_values():
+    cfg = config_from_dict({}, ["training.lr=1e-3", "model.ch_mult=[1,2]", "run.name=x",
+                                "training.jit_compile=true"])
+    assert cfg.training.lr == 1e-3 and cfg.model.ch_mult == (1, 2)
+    assert cfg.run.name == "x" and cfg.training.jit_compile is True
+    with pytest.raises(ConfigError, match="training.nope: unknown key"):
+        config_from_dict({}, ["training.nope=1"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        config_from_dict({}, ["training.lr"])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    cfg = config_from_dict({"model": {"ch": 64, "attn_resolutions": [8]}}, ["run.seed=3"])
+    path = str(tmp_path / "c.yaml")
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "pipeline_configs", "*.yaml"))))
+def test_shipped_configs_load(path):
+    load_config(path)
