@@ -4,9 +4,12 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= pipeline_configs/digits.yaml
+WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
+# RESUME=1 continues the run in WORKDIR from its newest checkpoint.
+RESUME_FLAG := $(if $(RESUME),--resume,)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup test test-keras3 test-keras2 lint
+.PHONY: setup test test-keras3 test-keras2 lint train sample train-ipu
 
 $(STAMP): requirements.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -28,3 +31,16 @@ test-keras2: $(STAMP)
 lint: $(STAMP)
 	$(PYTHON) -m vermin --no-tips --violations -t=3.8- ipu_diffusion
 	$(PYTHON) -m compileall -q ipu_diffusion benchmarks tests
+
+# Train CONFIG (default: the embedded digits, a few minutes on a CPU) into WORKDIR.
+train: $(STAMP)
+	$(PYTHON) -m ipu_diffusion train --config $(CONFIG) --workdir $(WORKDIR) $(RESUME_FLAG)
+
+# Sample a grid (PNG + .npz) from WORKDIR's newest checkpoint with DDIM.
+sample: $(STAMP)
+	$(PYTHON) -m ipu_diffusion sample --workdir $(WORKDIR) --num 64 --sampler ddim --steps 50
+
+# The same trainer on Graphcore IPUs (needs the Poplar SDK); IPU_MODEL=1 uses the emulator.
+train-ipu: $(STAMP)
+	$(PYTHON) -m ipu_diffusion train-ipu --config $(CONFIG) --workdir $(WORKDIR) $(RESUME_FLAG) \
+		$(if $(IPU_MODEL),--set ipu.ipu_model=true,)

@@ -88,7 +88,7 @@ def _positions(num: int, seed: int) -> tf.data.Dataset:
 
     def epoch_order(epoch):
         u = tf.random.stateless_uniform([num], seed=tf.stack([seed_t, epoch]))
-        return tf.data.Dataset.from_tensor_slices(tf.argsort(u, stable=True, output_type=tf.int32))
+        return tf.data.Dataset.from_tensor_slices(tf.argsort(u, stable=True))
 
     return tf.data.Dataset.range(_INT64_MAX).flat_map(epoch_order)
 

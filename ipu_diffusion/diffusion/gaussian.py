@@ -45,6 +45,13 @@ def model_output_channels(channels: int, var_type: str = "fixed_large") -> int:
     return 2 * channels if var_type == "learned_range" else channels
 
 
+def gather_coef(table: np.ndarray, t: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """float32 ``table[t]`` for a ``[T]`` table and int ``t`` ``[B]``, shaped
+    ``[B, 1, ..., 1]`` to broadcast against ``x`` ``[B, ...]`` (static rank)."""
+    values = tf.gather(tf.constant(table, tf.float32), tf.cast(t, tf.int32))
+    return tf.reshape(values, [-1] + [1] * (x.shape.rank - 1))
+
+
 class GaussianDiffusion:
     """Diffusion with Gaussian transitions for a fixed beta schedule.
 
@@ -98,6 +105,7 @@ class GaussianDiffusion:
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
@@ -130,12 +138,11 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ table lookup
 
-    def _coef(self, name: str, t: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-        """float32 ``table[t]`` shaped ``[B, 1, ..., 1]`` to broadcast against ``x``."""
+    def coef(self, name: str, t: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+        """float32 ``self.<name>[t]`` shaped ``[B, 1, ..., 1]`` to broadcast against ``x``."""
         if name not in self._f32:
             self._f32[name] = np.asarray(getattr(self, name), dtype=np.float32)
-        values = tf.gather(tf.constant(self._f32[name]), tf.cast(t, tf.int32))
-        return tf.reshape(values, [-1] + [1] * (x.shape.rank - 1))
+        return gather_coef(self._f32[name], t, x)
 
     @staticmethod
     def _f(x: tf.Tensor) -> tf.Tensor:
@@ -146,59 +153,59 @@ class GaussianDiffusion:
     def q_mean_variance(self, x0: tf.Tensor, t: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) (Ho et al. eq. 4).
         Returns ``(mean, variance, log_variance)``, each ``[B, ...]`` like ``x0``."""
-        mean = self._coef("sqrt_alphas_cumprod", t, x0) * self._f(x0)
+        mean = self.coef("sqrt_alphas_cumprod", t, x0) * self._f(x0)
         shape = tf.shape(x0)
-        var = tf.broadcast_to(1.0 - self._coef("alphas_cumprod", t, x0), shape)
-        log_var = tf.broadcast_to(self._coef("log_one_minus_alphas_cumprod", t, x0), shape)
+        var = tf.broadcast_to(self.coef("one_minus_alphas_cumprod", t, x0), shape)
+        log_var = tf.broadcast_to(self.coef("log_one_minus_alphas_cumprod", t, x0), shape)
         return tuple(tf.cast(v, x0.dtype) for v in (mean, var, log_var))
 
     def q_sample(self, x0: tf.Tensor, t: tf.Tensor, noise: tf.Tensor) -> tf.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al. eq. 4), ``[B, ...]``."""
-        x_t = (self._coef("sqrt_alphas_cumprod", t, x0) * self._f(x0)
-               + self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * self._f(noise))
+        x_t = (self.coef("sqrt_alphas_cumprod", t, x0) * self._f(x0)
+               + self.coef("sqrt_one_minus_alphas_cumprod", t, x0) * self._f(noise))
         return tf.cast(x_t, x0.dtype)
 
     def q_posterior_mean_variance(self, x0: tf.Tensor, x_t: tf.Tensor, t: tf.Tensor
                                   ) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I) (Ho et al. eq. 6-7).
         Returns ``(mean, variance, log_variance_clipped)``, each ``[B, ...]`` like ``x_t``."""
-        mean = (self._coef("posterior_mean_coef1", t, x_t) * self._f(x0)
-                + self._coef("posterior_mean_coef2", t, x_t) * self._f(x_t))
+        mean = (self.coef("posterior_mean_coef1", t, x_t) * self._f(x0)
+                + self.coef("posterior_mean_coef2", t, x_t) * self._f(x_t))
         shape = tf.shape(x_t)
-        var = tf.broadcast_to(self._coef("posterior_variance", t, x_t), shape)
-        log_var = tf.broadcast_to(self._coef("posterior_log_variance_clipped", t, x_t), shape)
+        var = tf.broadcast_to(self.coef("posterior_variance", t, x_t), shape)
+        log_var = tf.broadcast_to(self.coef("posterior_log_variance_clipped", t, x_t), shape)
         return tuple(tf.cast(v, x_t.dtype) for v in (mean, var, log_var))
 
     # ------------------------------------------------------------------ parameterisations
 
     def predict_x0_from_eps(self, x_t: tf.Tensor, t: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
         """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) (inverse of eq. 4)."""
-        x0 = (self._coef("sqrt_recip_alphas_cumprod", t, x_t) * self._f(x_t)
-              - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * self._f(eps))
+        x0 = (self.coef("sqrt_recip_alphas_cumprod", t, x_t) * self._f(x_t)
+              - self.coef("sqrt_recipm1_alphas_cumprod", t, x_t) * self._f(eps))
         return tf.cast(x0, x_t.dtype)
 
     def predict_eps_from_x0(self, x_t: tf.Tensor, t: tf.Tensor, x0: tf.Tensor) -> tf.Tensor:
         """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1) (eq. 4 solved for eps)."""
-        eps = ((self._coef("sqrt_recip_alphas_cumprod", t, x_t) * self._f(x_t) - self._f(x0))
-               / self._coef("sqrt_recipm1_alphas_cumprod", t, x_t))
+        eps = ((self.coef("sqrt_recip_alphas_cumprod", t, x_t) * self._f(x_t) - self._f(x0))
+               / self.coef("sqrt_recipm1_alphas_cumprod", t, x_t))
         return tf.cast(eps, x_t.dtype)
 
     def get_v(self, x0: tf.Tensor, noise: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
         """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022)."""
-        v = (self._coef("sqrt_alphas_cumprod", t, x0) * self._f(noise)
-             - self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * self._f(x0))
+        v = (self.coef("sqrt_alphas_cumprod", t, x0) * self._f(noise)
+             - self.coef("sqrt_one_minus_alphas_cumprod", t, x0) * self._f(x0))
         return tf.cast(v, x0.dtype)
 
     def predict_x0_from_v(self, x_t: tf.Tensor, t: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
         """x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v."""
-        x0 = (self._coef("sqrt_alphas_cumprod", t, x_t) * self._f(x_t)
-              - self._coef("sqrt_one_minus_alphas_cumprod", t, x_t) * self._f(v))
+        x0 = (self.coef("sqrt_alphas_cumprod", t, x_t) * self._f(x_t)
+              - self.coef("sqrt_one_minus_alphas_cumprod", t, x_t) * self._f(v))
         return tf.cast(x0, x_t.dtype)
 
     def predict_eps_from_v(self, x_t: tf.Tensor, t: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
         """eps = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v."""
-        eps = (self._coef("sqrt_one_minus_alphas_cumprod", t, x_t) * self._f(x_t)
-               + self._coef("sqrt_alphas_cumprod", t, x_t) * self._f(v))
+        eps = (self.coef("sqrt_one_minus_alphas_cumprod", t, x_t) * self._f(x_t)
+               + self.coef("sqrt_alphas_cumprod", t, x_t) * self._f(v))
         return tf.cast(eps, x_t.dtype)
 
     # ------------------------------------------------------------------ reverse process
@@ -222,15 +229,15 @@ class GaussianDiffusion:
         shape = tf.shape(x_t)
         if self.var_type == "learned_range":
             frac = (self._f(var_part) + 1.0) / 2.0
-            min_log = self._coef("posterior_log_variance_clipped", t, x_t)
-            max_log = self._coef("log_betas", t, x_t)
+            min_log = self.coef("posterior_log_variance_clipped", t, x_t)
+            max_log = self.coef("log_betas", t, x_t)
             log_var = frac * max_log + (1.0 - frac) * min_log
             return tf.exp(log_var), log_var
         if self.var_type == "fixed_small":
-            var = self._coef("posterior_variance", t, x_t)
-            log_var = self._coef("posterior_log_variance_clipped", t, x_t)
+            var = self.coef("posterior_variance", t, x_t)
+            log_var = self.coef("posterior_log_variance_clipped", t, x_t)
         else:
-            var = self._coef("fixed_large_variance", t, x_t)
+            var = self.coef("fixed_large_variance", t, x_t)
             log_var = tf.math.log(var)
         return tf.broadcast_to(var, shape), tf.broadcast_to(log_var, shape)
 

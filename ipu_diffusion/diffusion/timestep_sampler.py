@@ -96,12 +96,12 @@ class LossAwareSampler:
         weights = 1.0 / (self.num_timesteps * tf.gather(p, t))
         return t, weights
 
-    def update(self, t: tf.Tensor, losses: tf.Tensor) -> tf.Operation:
+    def update(self, t: tf.Tensor, losses: tf.Tensor) -> None:
         """Append ``losses`` float ``[B]`` to the history of their ``t`` int ``[B]``.
 
         Same result as appending the examples one by one in batch order (a full row
         drops its oldest entry), done with vectorised gathers and one scatter so it runs
-        inside a compiled train step. Returns the grouped assign op.
+        inside a compiled train step (tf.function orders the two assigns automatically).
         """
         T, K = self.num_timesteps, self.history_per_term
         t = tf.cast(tf.reshape(t, [-1]), tf.int32)
@@ -125,8 +125,8 @@ class LossAwareSampler:
         idx = tf.stack([rows, tf.maximum(slot, 0)], axis=1)
         padded = tf.concat([new_hist, tf.zeros([1, K], tf.float32)], axis=0)
         new_hist = tf.tensor_scatter_nd_update(padded, idx, losses)[:T]
-        return tf.group(self.loss_history.assign(new_hist),
-                        self.loss_counts.assign(tf.minimum(total, K)))
+        self.loss_history.assign(new_hist)
+        self.loss_counts.assign(tf.minimum(total, K))
 
 
 def make_timestep_sampler(name: str, num_timesteps: int, **kwargs):

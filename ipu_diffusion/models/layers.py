@@ -93,6 +93,10 @@ def downsample_avg(x: tf.Tensor) -> tf.Tensor:
     return tf.nn.avg_pool2d(x, ksize=2, strides=2, padding="VALID")
 
 
+# Calls hold only static Python control flow: skip AutoGraph's source conversion (slow).
+_no_autograph = tf.autograph.experimental.do_not_convert
+
+
 def _is_on(training) -> bool:
     return training is not None and not (isinstance(training, bool) and not training)
 
@@ -122,6 +126,7 @@ class TimestepEmbed(keras.layers.Layer):
             build_child(self.label_emb, (None,))
         self.built = True
 
+    @_no_autograph
     def call(self, inputs, training=None):
         t, y = (inputs[0], inputs[1]) if self.label_emb is not None else (inputs, None)
         emb = self.dense1(tf.nn.silu(self.dense0(timestep_embedding(t, self.ch))))
@@ -147,6 +152,7 @@ class KeyedDropout(keras.layers.Layer):
     def build(self, input_shape):
         self.built = True
 
+    @_no_autograph
     def call(self, inputs, training=None):
         h, key = inputs
         if self.rate <= 0.0 or not _is_on(training):
@@ -205,6 +211,7 @@ class ResBlock(keras.layers.Layer):
             return downsample_avg(x)
         return x
 
+    @_no_autograph
     def call(self, inputs, training=None):
         x, emb, key = inputs
         h = tf.nn.silu(self.norm1(x))
@@ -247,6 +254,7 @@ class AttentionBlock(keras.layers.Layer):
         build_child(self.proj_out, shape)
         self.built = True
 
+    @_no_autograph
     def call(self, inputs, training=None):
         _, hh, ww, c = inputs.shape
         heads, d, n = self.num_heads, c // self.num_heads, hh * ww
@@ -284,6 +292,7 @@ class ResAttnBlock(keras.layers.Layer):
             build_child(self.attn, None)
         self.built = True
 
+    @_no_autograph
     def call(self, inputs, training=None):
         if self.concat_skip:
             h, skip, emb, key = inputs
@@ -310,6 +319,7 @@ class Downsample(keras.layers.Layer):
             build_child(self.conv, (None, None, None, self.channels))
         self.built = True
 
+    @_no_autograph
     def call(self, inputs, training=None):
         return self.conv(inputs) if self.conv is not None else downsample_avg(inputs)
 
@@ -327,6 +337,7 @@ class Upsample(keras.layers.Layer):
             build_child(self.conv, (None, None, None, self.channels))
         self.built = True
 
+    @_no_autograph
     def call(self, inputs, training=None):
         h = upsample_nearest(inputs)
         return self.conv(h) if self.conv is not None else h
@@ -348,5 +359,6 @@ class OutBlock(keras.layers.Layer):
         build_child(self.conv, (None, None, None, self.channels))
         self.built = True
 
+    @_no_autograph
     def call(self, inputs, training=None):
         return self.conv(tf.nn.silu(self.norm(inputs)))

@@ -217,12 +217,19 @@ def output_shape(p: BlockPlan) -> Tuple[int, ...]:
     return (p.out_resolution, p.out_resolution, p.out_channels)
 
 
-def carry_shapes(cfg: ModelConfig, plans: List[BlockPlan]) -> Dict[str, Tuple[int, ...]]:
-    """Per-example shapes of every carry key (inputs and everything the blocks write)."""
+def input_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Per-example shapes of the U-Net's inputs: ``x_t [R, R, C]``, ``t``, ``key`` (, ``y``)."""
     shapes: Dict[str, Tuple[int, ...]] = {
         "x_t": (cfg.image_size, cfg.image_size, cfg.in_channels), "t": (), "key": ()}
     if cfg.num_classes > 0:
         shapes["y"] = ()
-    for p in plans:
-        shapes[p.spec.outputs[0]] = output_shape(p)  # "h" ends at the last up block's shape
+    return shapes
+
+
+def shapes_before(cfg: ModelConfig, plans: List[BlockPlan], index: int) -> Dict[str, Tuple[int, ...]]:
+    """Per-example shape of every carry key defined before block ``index`` (``h`` changes
+    shape along the up path, so shapes depend on the position)."""
+    shapes = input_shapes(cfg)
+    for p in plans[:index]:
+        shapes[p.spec.outputs[0]] = output_shape(p)
     return shapes

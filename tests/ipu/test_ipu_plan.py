@@ -1,0 +1,265 @@
+"""ipu_plan: values worked out by hand for each shipped config, and one ConfigError per
+invalid combination. Pure: no TensorFlow, no SDK (see test_ipu_plan_memory.py for the
+memory check, which needs the U-Net's parameter counts)."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from ipu_diffusion.config import ConfigError, load_config
+from ipu_diffusion.pipeline.ipu_plan import (TILE_BYTES, IPUPlan, describe, ipu_plan, is_pow2,
+                                             next_pow2, per_ipu)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MK2_BYTES = 1472 * 624 * 1024  # 940,572,672 B = 897 MiB, "about 900 MB" per GC200 IPU
+
+
+def config_path(name: str) -> str:
+    return os.path.join(ROOT, "pipeline_configs", name)
+
+
+def load(name: str, *overrides: str):
+    path = config_path(name)
+    if not os.path.exists(path):
+        pytest.skip(f"pipeline_configs/{name} is not in the checkout yet")
+    return load_config(path, list(overrides))
+
+
+def digits(*overrides: str):
+    """digits.yaml: B = 64, T = 1000, steps 3000, log_every 100, 1 stage, M = 1."""
+    return load("digits.yaml", *overrides)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_ipu_next_pow2_and_is_pow2():
+    assert [next_pow2(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    assert [is_pow2(n) for n in (1, 2, 3, 6, 64)] == [True, True, False, False, True]
+
+
+def test_ipu_per_ipu_adds_up_shared_stages():
+    # stages 0,1 on IPU 0 (10 + 20), stage 2 on IPU 1 (5), stage 3 on IPU 0 (1)
+    assert per_ipu((0, 0, 1, 0), (10, 20, 5, 1)) == (31, 5)
+
+
+# --------------------------------------------------------------------------- shipped configs
+
+
+def test_ipu_plan_digits():
+    plan = ipu_plan(digits())
+    # one stage, default mapping (0,): K = next_pow2(0 + 1) = 1 IPU per replica, R = 1
+    assert (plan.num_stages, plan.device_mapping, plan.pipelined) == (1, (0,), False)
+    assert (plan.ipus_per_replica, plan.replicas, plan.total_ipus) == (1, 1, 1)
+    # B = 64 = b x M x R = b x 1 x 1  ->  b = 64
+    assert (plan.global_batch, plan.microbatches, plan.micro_batch) == (64, 1, 64)
+    assert plan.gradient_accumulation_steps_per_replica == 1
+    # ipu.steps_per_execution 0: k = M ceil(2 S / M) = 1 x ceil(2 / 1) = 2 -> 2 updates
+    # per execution; 3000 steps and log_every 100 are multiples of 2
+    assert (plan.steps_per_execution, plan.updates_per_execution) == (2, 2)
+    assert (plan.schedule, plan.allow_recompute, plan.recomputation_mode) == ("Grouped", False, "Auto")
+    # float32: no half precision, float partials, no loss scale, no stochastic rounding
+    assert (plan.half_precision, plan.compute_dtype, plan.partials_type) == (False, "float32", "float")
+    assert (plan.loss_scale, plan.stochastic_rounding) == (1.0, False)
+    # hardware ipu2: 1472 tiles x 624 KiB
+    assert (plan.ipu_model, plan.tiles_per_ipu, plan.memory_budget) == (False, 1472, MK2_BYTES)
+    assert plan.available_memory_proportion == () and plan.notes == ()
+
+
+def test_ipu_plan_digits_2stage():
+    cfg = load("digits_2stage.yaml")
+    _skip_unless_matches(cfg, "digits_2stage.yaml")
+    plan = ipu_plan(cfg)
+    _assert_hand_worked(plan, EXPECTED["digits_2stage.yaml"])
+
+
+def test_ipu_plan_digits_4stage_grouped():
+    cfg = load("digits_4stage_grouped.yaml")
+    _skip_unless_matches(cfg, "digits_4stage_grouped.yaml")
+    plan = ipu_plan(cfg)
+    _assert_hand_worked(plan, EXPECTED["digits_4stage_grouped.yaml"])
+
+
+def test_ipu_plan_cifar10_ddpm_4ipu():
+    cfg = load("cifar10_ddpm_4ipu.yaml")
+    _skip_unless_matches(cfg, "cifar10_ddpm_4ipu.yaml")
+    plan = ipu_plan(cfg)
+    _assert_hand_worked(plan, EXPECTED["cifar10_ddpm_4ipu.yaml"])
+
+
+def test_ipu_plan_cifar10_iddpm_8ipu():
+    cfg = load("cifar10_iddpm_8ipu.yaml")
+    _skip_unless_matches(cfg, "cifar10_iddpm_8ipu.yaml")
+    plan = ipu_plan(cfg)
+    _assert_hand_worked(plan, EXPECTED["cifar10_iddpm_8ipu.yaml"])
+
+
+# Inputs read from each config, and the plan values derived from them by hand (comments).
+EXPECTED = {}
+
+
+def _skip_unless_matches(cfg, name):
+    want = EXPECTED.get(name)
+    if want is None:
+        pytest.fail(f"{name} exists now: work out its plan by hand and add it to EXPECTED")
+    got = {"stages": cfg.pipeline.stages, "M": cfg.pipeline.microbatches,
+           "R": cfg.ipu.replicas, "B": cfg.training.batch_size}
+    assert got == want["inputs"], (f"{name} changed ({got} != {want['inputs']}): "
+                                   "re-derive its expected plan by hand")
+
+
+def _assert_hand_worked(plan: IPUPlan, want):
+    for key, value in want["plan"].items():
+        assert getattr(plan, key) == value, key
+
+
+# --------------------------------------------------------------------------- invalid combos
+
+
+def raises(match: str, cfg, **kwargs):
+    with pytest.raises(ConfigError, match=match) as info:
+        ipu_plan(cfg, **kwargs)
+    return str(info.value)
+
+
+FOUR = ("pipeline.stages=4", "pipeline.microbatches=8")
+
+
+def test_ipu_more_stages_than_ipus_without_mapping():
+    # 32 replicas on a 64-IPU system leave 2 IPUs per replica for 4 stages
+    msg = raises(r"pipeline\.stages", digits(*FOUR, "ipu.replicas=32", "training.batch_size=256"))
+    assert "ipu.replicas" in msg and "pipeline.device_mapping" in msg
+    # on a 4-IPU system one replica fits; an 8-stage pipeline does not
+    raises(r"pipeline\.stages", digits("pipeline.stages=8", "pipeline.microbatches=16"),
+           system_ipus=4)
+
+
+def test_ipu_device_mapping_beyond_ipu_count():
+    # 32 replicas x IPUs 0..3 = 128 > 64: the mapping's IPU 3 is beyond 0..1
+    msg = raises(r"pipeline\.device_mapping", digits(*FOUR, "pipeline.device_mapping=[0,1,2,3]",
+                                                    "ipu.replicas=32", "training.batch_size=256"))
+    assert "IPU 3" in msg and "ipu.replicas" in msg
+
+
+def test_ipu_device_mapping_may_share_ipus():
+    # 4 stages on IPUs (0, 0, 1, 1): K = 2 per replica, x 32 replicas = 64 IPUs: fits
+    plan = ipu_plan(digits(*FOUR, "pipeline.device_mapping=[0,0,1,1]", "ipu.replicas=32",
+                           "training.batch_size=256"))
+    assert (plan.ipus_per_replica, plan.total_ipus, plan.micro_batch) == (2, 64, 1)
+
+
+def test_ipu_three_ipus_round_up_to_four():
+    plan = ipu_plan(digits("pipeline.stages=3", "pipeline.microbatches=8"))
+    assert (plan.ipus_per_replica, plan.total_ipus) == (4, 4)  # IPU 3 idle
+
+
+def test_ipu_device_mapping_with_unused_ipu():
+    raises(r"pipeline\.device_mapping.*IPU\(s\) \[1\]",
+           digits("pipeline.stages=2", "pipeline.microbatches=4", "pipeline.device_mapping=[0,2]"))
+
+
+def test_ipu_replicas_power_of_two():
+    raises(r"ipu\.replicas: 3", digits("ipu.replicas=3", "training.batch_size=63"))
+
+
+def test_ipu_steps_per_execution_multiple_of_microbatches():
+    raises(r"ipu\.steps_per_execution: 12 .*pipeline\.microbatches 8",
+           digits(*FOUR, "ipu.steps_per_execution=12"))
+
+
+def test_ipu_steps_and_log_every_multiple_of_updates_per_execution():
+    # k = 24, M = 8: 3 updates per execution; log_every 100 is not a multiple of 3
+    raises(r"training\.log_every: 100", digits(*FOUR, "ipu.steps_per_execution=24"))
+    raises(r"training\.steps: 3001", digits(*FOUR, "training.steps=3001",
+                                             "ipu.steps_per_execution=16"))
+
+
+def test_ipu_default_steps_per_execution_rule():
+    # S = 4: at least 2 S = 8 micro-batches; the smallest multiple of M above
+    for m, want in ((1, 8), (2, 8), (3, 9), (8, 8), (16, 16)):
+        cfg = digits(*FOUR, f"pipeline.microbatches={m}", "training.batch_size=48",
+                     "training.steps=3600", "training.log_every=360")
+        assert ipu_plan(cfg).steps_per_execution == want, m
+
+
+def test_ipu_interleaved_needs_accumulation():
+    raises(r"pipeline\.schedule: 'interleaved'.*pipeline\.microbatches",
+           digits("pipeline.stages=2", "pipeline.schedule=interleaved", "pipeline.microbatches=1"))
+
+
+def test_ipu_interleaved_cannot_share_an_ipu():
+    raises(r"pipeline\.schedule: 'interleaved'.*device_mapping",
+           digits(*FOUR, "pipeline.schedule=interleaved", "pipeline.device_mapping=[0,0,1,1]"))
+
+
+def test_ipu_batch_arithmetic_must_divide():
+    # B = 64 over M = 8 x R = 16 = 128 micro-batch slots
+    msg = raises(r"training\.batch_size: the global batch 64",
+                 digits(*FOUR, "pipeline.device_mapping=[0,0,0,0]", "ipu.replicas=16"))
+    assert "pipeline.microbatches 8" in msg and "ipu.replicas 16" in msg
+
+
+def test_ipu_recompute_interleaved_mode_with_interleaved_schedule():
+    raises(r"ipu\.recomputation_mode.*pipeline\.schedule 'interleaved'",
+           digits(*FOUR, "pipeline.schedule=interleaved", "pipeline.recompute=true",
+                  "ipu.recomputation_mode=recompute_and_backpropagate_interleaved"))
+
+
+def test_ipu_recompute_interleaved_mode_with_grouped_is_fine():
+    plan = ipu_plan(digits(*FOUR, "pipeline.recompute=true",
+                           "ipu.recomputation_mode=recompute_and_backpropagate_interleaved"))
+    assert (plan.allow_recompute, plan.recomputation_mode) == (True, "RecomputeAndBackpropagateInterleaved")
+
+
+def test_ipu_bfloat16_is_not_an_ipu_type():
+    raises(r"training\.precision: 'mixed_bfloat16'", digits("training.precision=mixed_bfloat16"))
+
+
+def test_ipu_half_partials_need_float16():
+    raises(r"ipu\.partials_type: 'half'", digits("ipu.partials_type=half"))
+
+
+def test_ipu_float16_plan():
+    plan = ipu_plan(digits("training.precision=mixed_float16", "ipu.partials_type=half"))
+    assert (plan.half_precision, plan.compute_dtype, plan.partials_type) == (True, "float16", "half")
+    assert plan.stochastic_rounding and plan.loss_scale == 128.0
+
+
+def test_ipu_tiles_only_for_the_emulator():
+    raises(r"ipu\.tiles_per_ipu: 8", digits("ipu.tiles_per_ipu=8"))
+    plan = ipu_plan(digits("ipu.ipu_model=true", "ipu.tiles_per_ipu=8"))
+    # 8 emulated tiles x 624 KiB
+    assert (plan.ipu_model, plan.tiles_per_ipu, plan.memory_budget) == (True, 8, 8 * TILE_BYTES)
+
+
+def test_ipu_available_memory_proportion_range():
+    raises(r"ipu\.available_memory_proportion: \[1\.5\]",
+           digits("pipeline.stages=2", "pipeline.microbatches=4",
+                  "ipu.available_memory_proportion=[0.6,1.5]"))
+    plan = ipu_plan(digits("pipeline.stages=2", "pipeline.microbatches=4",
+                           "ipu.available_memory_proportion=[0.6,0.3]"))
+    assert plan.available_memory_proportion == (0.6, 0.3)
+
+
+def test_ipu_loss_aware_sampler_rejected():
+    raises(r"diffusion\.timestep_sampler: 'loss_aware'",
+           digits("diffusion.timestep_sampler=loss_aware"))
+
+
+def test_ipu_notes_for_ignored_keys_and_shallow_pipeline():
+    plan = ipu_plan(digits(*FOUR, "pipeline.microbatches=4", "training.steps_per_execution=4"))
+    text = " ".join(plan.notes)
+    assert "training.steps_per_execution is ignored" in text
+    assert "pipeline.microbatches 4 < 8" in text  # grouped: M >= 2 S advised
+
+
+def test_ipu_describe_table():
+    text = describe(ipu_plan(digits(*FOUR, "pipeline.device_mapping=[0,0,1,1]",
+                                    "ipu.available_memory_proportion=[0.5,0.5,0.4,0.4]")))
+    assert "4 stage(s) on 2 IPU(s) per replica x 1 replica(s) = 2 IPUs" in text
+    assert "global 64 = micro-batch 8 x 8 microbatches x 1 replica(s)" in text
+    rows = [line.split() for line in text.splitlines() if re.match(r"^\s+\d+\s+\d+\s", line)]
+    assert [(r[0], r[1], r[3]) for r in rows] == [("0", "0", "0.50"), ("1", "0", "0.50"),
+                                                  ("2", "1", "0.40"), ("3", "1", "0.40")]
