@@ -75,7 +75,8 @@ def read_image(path: str, size: int, channels: int) -> Tuple[Optional[np.ndarray
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # Pillow signals unreadable or truncated files with OSError (UnidentifiedImageError
         # is one) and some broken PNG chunks with SyntaxError.
-        reason = "truncated" if "truncated" in str(e) else "unreadable"
+        text = str(e).lower()
+        reason = "truncated" if ("truncated" in text or "broken data stream" in text) else "unreadable"
         return None, f"{reason} ({type(e).__name__}: {e})"
     return (arr[..., None] if arr.ndim == 2 else arr), ""
 

@@ -17,7 +17,8 @@ import tensorflow as tf
 
 MAX_ENTRIES = 16
 
-_CACHE: "collections.OrderedDict[Tuple, Tuple[Tuple[Any, ...], Callable]]" = collections.OrderedDict()
+_Entry = Tuple[Tuple[Any, ...], Callable]  # (the callables, the compiled function)
+_CACHE: "collections.OrderedDict[Tuple, _Entry]" = collections.OrderedDict()
 
 
 def compiled(kind: str, diffusion: Any, callables: Sequence[Any], options: Hashable,

@@ -117,7 +117,8 @@ class GaussianDiffusion:
         first = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
         self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / one_minus
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / one_minus
+        self.posterior_mean_coef2 = ((1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas)
+                                     / one_minus)
         # fixed_large: sigma_t^2 = beta_t, but beta_tilde at the first step (Ho et al. 3.2)
         self.fixed_large_variance = np.append(first, betas[1:])
         self.log_betas = np.log(betas)
@@ -150,7 +151,8 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ forward process
 
-    def q_mean_variance(self, x0: tf.Tensor, t: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def q_mean_variance(self, x0: tf.Tensor, t: tf.Tensor
+                        ) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) (Ho et al. eq. 4).
         Returns ``(mean, variance, log_variance)``, each ``[B, ...]`` like ``x0``."""
         mean = self.coef("sqrt_alphas_cumprod", t, x0) * self._f(x0)
@@ -160,7 +162,8 @@ class GaussianDiffusion:
         return tuple(tf.cast(v, x0.dtype) for v in (mean, var, log_var))
 
     def q_sample(self, x0: tf.Tensor, t: tf.Tensor, noise: tf.Tensor) -> tf.Tensor:
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al. eq. 4), ``[B, ...]``."""
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al. eq. 4), ``[B, ...]``.
+        """
         x_t = (self.coef("sqrt_alphas_cumprod", t, x0) * self._f(x0)
                + self.coef("sqrt_one_minus_alphas_cumprod", t, x0) * self._f(noise))
         return tf.cast(x_t, x0.dtype)
@@ -185,7 +188,7 @@ class GaussianDiffusion:
         return tf.cast(x0, x_t.dtype)
 
     def predict_eps_from_x0(self, x_t: tf.Tensor, t: tf.Tensor, x0: tf.Tensor) -> tf.Tensor:
-        """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1) (eq. 4 solved for eps)."""
+        """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1) (eq. 4 for eps)."""
         eps = ((self.coef("sqrt_recip_alphas_cumprod", t, x_t) * self._f(x_t) - self._f(x0))
                / self.coef("sqrt_recipm1_alphas_cumprod", t, x_t))
         return tf.cast(eps, x_t.dtype)

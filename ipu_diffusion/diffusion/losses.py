@@ -167,7 +167,8 @@ def prior_bpd(diffusion: GaussianDiffusion, x0: tf.Tensor) -> tf.Tensor:
 def bits_per_dim(diffusion: GaussianDiffusion, denoise_fn: Callable, x0: tf.Tensor,
                  seed=0, clip_denoised: bool = True, jit_compile: bool = False
                  ) -> Dict[str, tf.Tensor]:
-    """The full variational bound of ``x0`` ``[B, ...]`` in bits/dim (Ho et al. eq. 5).
+    """The full variational bound of ``x0`` ``[B, ...]`` in bits/dim (Ho et al. eq. 5);
+    ``x0`` holds pixel values in [-1, 1] on the 256-level grid (the decoder's bins).
 
     Every term L_0 .. L_{T-1} is evaluated at one x_t ~ q(x_t | x_0) per timestep, with
     noise ``tf.random.stateless_normal(seed=[seed, t])``, plus the prior term L_T. Runs as
@@ -199,8 +200,9 @@ def _bpd_chain(diffusion: GaussianDiffusion, denoise_fn: Callable, clip_denoised
             vb, out = _vb_terms(diffusion, model_out, x0_32, x_t, t, clip_denoised)
             pred_x0 = tf.cast(out["pred_x0"], tf.float32)
             eps = diffusion.predict_eps_from_x0(tf.cast(x_t, tf.float32), t, pred_x0)
-            return (i + 1, vb_ta.write(i, vb), x0_ta.write(i, mean_flat(tf.square(pred_x0 - x0_32))),
-                    eps_ta.write(i, mean_flat(tf.square(eps - noise))))
+            x0_mse = mean_flat(tf.square(pred_x0 - x0_32))
+            eps_mse = mean_flat(tf.square(eps - noise))
+            return i + 1, vb_ta.write(i, vb), x0_ta.write(i, x0_mse), eps_ta.write(i, eps_mse)
 
         _, *arrays = tf.while_loop(lambda i, *_: i < T, body, [tf.constant(0)] + arrays)
         vb, x0_mse, mse = (tf.transpose(a.stack()) for a in arrays)

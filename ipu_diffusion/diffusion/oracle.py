@@ -31,7 +31,8 @@ def gaussian_oracle(diffusion: GaussianDiffusion, mean: float, std: float,
     """
     mean_type = mean_type or diffusion.mean_type
     if mean_type not in MEAN_TYPES:
-        raise ValueError(f"mean_type: {mean_type!r} is not valid; choose one of {', '.join(MEAN_TYPES)}")
+        raise ValueError(f"mean_type: {mean_type!r} is not valid; choose one of "
+                         f"{', '.join(MEAN_TYPES)}")
     if std <= 0:
         raise ValueError(f"std: must be > 0, got {std!r}")
     alpha_bar = tf.constant(diffusion.alphas_cumprod, tf.float32)

@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from ipu_diffusion.diffusion.compiled import compiled
 from ipu_diffusion.diffusion.gaussian import GaussianDiffusion, gather_coef
-from ipu_diffusion.diffusion.respace import SPACINGS, respace, space_timesteps  # noqa: F401
+from ipu_diffusion.diffusion.respace import SPACINGS, respace, space_timesteps
 
 SAMPLERS: Tuple[str, ...] = ("ddpm", "ddim")
 Output = Union[tf.Tensor, Dict[str, tf.Tensor]]
@@ -74,14 +74,19 @@ def _run_chain(step_fn: Callable, x: tf.Tensor, num_steps: int, return_every: in
     the x0_hat of those steps into ``pred_x0``)."""
     k = return_every
     size = num_steps // k if k else 0
-    arrays = [tf.TensorArray(x.dtype, size=size, element_shape=x.shape) for _ in range(2 if k else 0)]
+    arrays = [tf.TensorArray(x.dtype, size=size, element_shape=x.shape)
+              for _ in range(2 if k else 0)]
 
     def body(i, x, *arrays):
         x_next, pred_x0 = step_fn(i, x)
         x_next = tf.ensure_shape(tf.cast(x_next, x.dtype), x.shape)
         if k:
             done = i + 1
-            write = lambda: [a.write(done // k - 1, v) for a, v in zip(arrays, (x_next, tf.cast(pred_x0, x.dtype)))]  # noqa: E731
+            values = (x_next, tf.cast(pred_x0, x.dtype))
+
+            def write():
+                return [a.write(done // k - 1, v) for a, v in zip(arrays, values)]
+
             arrays = tf.cond(tf.equal(done % k, 0), write, lambda: list(arrays))
         return [i + 1, x_next] + list(arrays)
 
@@ -199,7 +204,8 @@ def ddim_sample(diffusion: GaussianDiffusion, denoise_fn: Callable, shape: Optio
     return run(x_T, tf.cast(seed, tf.int64), tf.cast(eta, tf.float32))
 
 
-def _invert_chain(diffusion: GaussianDiffusion, denoise_fn: Callable, clip_denoised: bool) -> Callable:
+def _invert_chain(diffusion: GaussianDiffusion, denoise_fn: Callable,
+                  clip_denoised: bool) -> Callable:
     N = diffusion.num_timesteps
 
     def run(x0: tf.Tensor) -> tf.Tensor:
@@ -211,7 +217,8 @@ def _invert_chain(diffusion: GaussianDiffusion, denoise_fn: Callable, clip_denoi
             t = tf.fill(tf.shape(x)[:1], tf.maximum(i - 1, 0))
             out = diffusion.p_mean_variance(denoise_fn(x, tf.gather(tmap, t)), x, t, clip_denoised)
             eps = tf.cast(out["pred_eps"], tf.float32)
-            x0_hat = tf.where(tf.equal(i, 0), tf.cast(x, tf.float32), tf.cast(out["pred_x0"], tf.float32))
+            x0_hat = tf.where(tf.equal(i, 0), tf.cast(x, tf.float32),
+                              tf.cast(out["pred_x0"], tf.float32))
             ab_next = diffusion.coef("alphas_cumprod", tf.fill(tf.shape(x)[:1], i), x)
             return tf.sqrt(ab_next) * x0_hat + tf.sqrt(1.0 - ab_next) * eps, x0_hat
 
@@ -312,7 +319,8 @@ def sample(diffusion: GaussianDiffusion, denoise_fn: Callable, shape: Optional[S
         raise ValueError(f"spacing: {spacing!r} is not valid; choose one of {', '.join(SPACINGS)}")
     T = diffusion.num_timesteps
     if steps is not None:
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+        if (isinstance(steps, bool) or not isinstance(steps, (int, np.integer))
+                or not 1 <= steps <= T):
             raise ValueError(f"steps: must be an integer in [1, {T}], got {steps!r}")
         if steps < T:
             spec = f"ddim{steps}" if spacing == "ddim" else f"{spacing} {steps}"

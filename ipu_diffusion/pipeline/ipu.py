@@ -320,7 +320,7 @@ def gradient_transformers(unscale: float, clip_norm: float) -> List[Callable]:
     (``clip_norm > 0``), as the CPU trainer does."""
 
     def rescale(grads_and_vars):
-        return [(tf.cast(g, tf.float32) * unscale if g is not None else g, v)
+        return [(tf.cast(tf.convert_to_tensor(g), tf.float32) * unscale if g is not None else g, v)
                 for g, v in grads_and_vars]
 
     def clip(grads_and_vars):

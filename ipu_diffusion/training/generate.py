@@ -51,8 +51,9 @@ def sample_images(run, num: int, seed: int, sampler: Optional[str] = None,
     bar = keras.utils.Progbar(num, unit_name="image") if progress else None
     out = []
     for i in range(0, num, batch_size):
+        extra = {"eta": eta} if sampler == "ddim" else {}
         x = sampling.sample(run.objective.diffusion, denoise, shape, sampler=sampler, steps=steps,
-                            eta=eta, seed=seed * 1_000_003 + i)
+                            seed=seed * 1_000_003 + i, **extra)
         out.append(np.asarray(x)[: num - i])
         if bar is not None:
             bar.add(len(out[-1]))

@@ -100,7 +100,8 @@ def test_folder_reads_labels_crops_and_skips_bad_files_once(image_folder):
     assert len(ours) == 1, [str(w.message) for w in caught]
     message = str(ours[0].message)
     assert "skipped 5 unusable" in message and image_folder in message
-    assert "zero bytes" in message and "truncated" in message
+    assert "2 truncated" in message and "1 unreadable" in message
+    assert "1 zero bytes" in message and "1 unsupported pixel mode I;16" in message
     assert x.shape == (4, 8, 8, 3) and x.dtype == np.float32
     # Sorted paths: cat/a.png, cat/b.jpg, dog/c.png, dog/nested/d.jpeg; classes cat=0, dog=1.
     np.testing.assert_array_equal(y, [0, 0, 1, 1])

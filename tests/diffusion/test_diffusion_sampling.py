@@ -112,7 +112,6 @@ def test_ddim_inversion_round_trip():
         rec = ddim_sample(d, oracle, None, noise=x_T, clip_denoised=False)
         errors[steps] = float(tf.reduce_max(tf.abs(rec - x0)))
         np.testing.assert_allclose(ddim_reconstruct(d, oracle, x0).numpy(), rec.numpy(), atol=1e-6)
-    print(errors)
     assert errors[T] < 0.01 and errors[T] < errors[200] / 3, errors
 
 

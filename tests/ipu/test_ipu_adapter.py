@@ -4,40 +4,28 @@ optimizer, and the option builders against stand-ins for the SDK's objects."""
 from __future__ import annotations
 
 import os
+import tempfile
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import small_config
 
 from ipu_diffusion import rng
-from ipu_diffusion.config import load_config
-from ipu_diffusion.models.unet import build_unet
 from ipu_diffusion.pipeline import ipu
 from ipu_diffusion.pipeline.ipu_plan import ipu_plan
 from ipu_diffusion.pipeline.partition import partition_unet
-from ipu_diffusion.training.objective import DiffusionObjective
 from ipu_diffusion.training.stream import training_stream
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DIGITS = os.path.join(ROOT, "pipeline_configs", "digits.yaml")
-SMALL = ["model.ch=8", "pipeline.stages=4", "pipeline.microbatches=2", "training.batch_size=8",
-         "model.dropout=0.2"]
-
-
-def small(*overrides: str):
-    return load_config(DIGITS, SMALL + list(overrides))
 
 
 @pytest.fixture(scope="module")
-def parts():
-    """A small class-conditional digits U-Net (ch 8) cut into 4 stages."""
-    cfg = small("model.num_classes=10", "data.use_labels=true")
-    unet = build_unet(cfg.model, zero_init=False)
-    objective = DiffusionObjective(cfg.diffusion, 10, class_dropout=0.3)
-    part = partition_unet(unet, cfg.pipeline, objective.front_spec, objective.loss_spec)
+def parts(small_net):
+    """The small class-conditional digits U-Net cut into 4 stages, composed."""
+    unet, objective = small_net.unet, small_net.objective
+    part = partition_unet(unet, small_config().pipeline, objective.front_spec, objective.loss_spec)
     model, stages, front, loss = ipu.compose_training_model(unet, objective, part)
-    return cfg, unet, objective, part, model, stages, front, loss
+    return unet, objective, part, model, stages
 
 
 def batch(n: int, offset: int = 0):
@@ -58,8 +46,9 @@ def trainer_losses(unet, objective, carry):
 
 
 def test_ipu_composed_model_is_front_stages_loss(parts):
-    cfg, unet, objective, part, model, stages, front, loss = parts
-    assert [layer.name for layer in model.layers if layer not in model._input_layers][:1] == ["front"]
+    unet, objective, part, model, stages = parts
+    names = [layer.name for layer in model.layers if layer.name not in part.batch_keys]
+    assert names == ["front", "stage_0", "stage_1", "stage_2", "stage_3", "loss"]
     assert len(stages) == 4 and part.batch_keys == ("key", "x0", "y")
     b = batch(6)
     got = model(b, training=True)
@@ -71,29 +60,29 @@ def test_ipu_composed_model_is_front_stages_loss(parts):
 def test_ipu_gradient_arithmetic_equals_global_batch_mean(parts):
     """Emulate the SDK: per micro-batch, Keras' mean of the (gradient-scaled) loss; MEAN
     over the M accumulation steps of each replica; SUM over replicas (all-reduce); then
-    the optimizer's transformers (x 1/(scale R), clip). Equals the CPU trainer's
-    gradient of sum(loss) / B, clipped."""
-    cfg, unet, objective, part, model, *_ = parts
-    m, r, b, scale, clip = 2, 2, 2, 128.0, 0.05
+    the optimizer's transformers (x 1/(scale R), clip). Equals the gradient of the
+    global-batch mean sum(loss) / B, clipped, which the CPU trainer applies (the composed
+    model's per-example losses are the trainer's: test above)."""
+    unet, objective, part, model, _ = parts
+    m, r, b, scale, clip = 2, 2, 1, 128.0, 0.05
     loss_fn, variables = ipu.model_output_loss(scale), unet.trainable_variables
+
+    def grads(micro, weight):
+        with tf.GradientTape() as tape:
+            value = weight * tf.reduce_mean(loss_fn(None, model(micro, training=True)))
+        return [tf.convert_to_tensor(g) for g in tape.gradient(value, variables)]
+
     whole = batch(m * r * b)
     per_replica = []
     for rep in range(r):
-        acc = [tf.zeros_like(v) for v in variables]
-        for step in range(m):
-            lo = (rep * m + step) * b
-            micro = {k: v[lo:lo + b] for k, v in whole.items()}
-            with tf.GradientTape() as tape:
-                value = tf.reduce_mean(loss_fn(None, model(micro, training=True)))
-            acc = [a + g / m for a, g in zip(acc, tape.gradient(value, variables))]
-        per_replica.append(acc)
-    summed = [tf.add_n(gs) for gs in zip(*per_replica)]
-    pairs = list(zip(summed, variables))
+        micro = [{k: v[(rep * m + i) * b:(rep * m + i + 1) * b] for k, v in whole.items()}
+                 for i in range(m)]
+        per_replica.append([tf.add_n(gs) / m for gs in zip(*[grads(x, 1.0) for x in micro])])
+    pairs = list(zip([tf.add_n(gs) for gs in zip(*per_replica)], variables))
     for fn in ipu.gradient_transformers(1.0 / (scale * r), clip):
         pairs = fn(pairs)
-    with tf.GradientTape() as tape:
-        ref = tf.reduce_sum(trainer_losses(unet, objective, whole)) / (m * r * b)
-    want, norm = tf.clip_by_global_norm(tape.gradient(ref, variables), clip)
+    # sum(loss) / B = mean over the whole batch; the weight undoes the loss scale
+    want, norm = tf.clip_by_global_norm(grads(whole, 1.0 / scale), clip)
     assert float(norm) > clip  # the clip is active
     for (g, _), w in zip(pairs, want):
         np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=2e-4, atol=1e-7)
@@ -154,7 +143,7 @@ def test_ipu_ema_optimizer_matches_adam_and_trainer_ema():
     opt._create_all_weights([v, w])  # what build_optimizer_state does under Keras 2
     shadow = [v.numpy(), w.numpy()]
     ema = ipu.SlotEMA([opt.get_slot(x, "ema") for x in (v, w)], 0.9)
-    step = tf.function(lambda g1, g2: opt.apply_gradients([(g1, v), (g2, w)]))
+    step = tf.function(lambda g1, g2: opt.apply_gradients([(g1, v), (g2, w)]) and None)
     for n in range(1, 4):
         g = [tf.constant([4.0, 0.0, -2.0]), tf.constant([[6.0]])]
         step(*g)
@@ -168,15 +157,9 @@ def test_ipu_ema_optimizer_matches_adam_and_trainer_ema():
     target = [tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(w))]
     ema.copy_to(target)
     np.testing.assert_allclose(target[0].numpy(), shadow[0], rtol=1e-6)
-    saved = tf.train.Checkpoint(ema=ema).save(os.path.join(_tmp(), "ck"))
+    saved = tf.train.Checkpoint(ema=ema).save(os.path.join(tempfile.mkdtemp(), "ck"))
     names = [n for n, _ in tf.train.list_variables(saved)]
     assert "ema/shadow/0/.ATTRIBUTES/VARIABLE_VALUE" in names  # the CPU trainer's layout
-
-
-def _tmp() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp()
 
 
 # --------------------------------------------------------------------------- SDK stand-ins
@@ -215,12 +198,12 @@ FAKE_SDK = SimpleNamespace(
 
 
 def test_ipu_pipelining_options():
-    plan = ipu_plan(small("pipeline.device_mapping=[0,0,1,1]"))
+    plan = ipu_plan(small_config("pipeline.device_mapping=[0,0,1,1]"))
     assert ipu.pipelining_options(plan, FAKE_SDK) == {
-        "gradient_accumulation_steps_per_replica": 2, "device_mapping": [0, 0, 1, 1],
+        "gradient_accumulation_steps_per_replica": 8, "device_mapping": [0, 0, 1, 1],
         "gradient_accumulation_reduction_method": "MEAN", "pipeline_schedule": "G",
         "offload_weight_update_variables": None}
-    plan = ipu_plan(small("pipeline.recompute=true", "pipeline.schedule=sequential",
+    plan = ipu_plan(small_config("pipeline.recompute=true", "pipeline.schedule=sequential",
                           "ipu.available_memory_proportion=[0.5,0.5,0.4,0.3]",
                           "training.precision=mixed_float16", "ipu.partials_type=half",
                           "ipu.offload_optimizer_state=true"))
@@ -242,13 +225,13 @@ def _fake_ipu_config():
 
 
 def test_ipu_apply_ipu_config_hardware_and_emulator():
-    plan = ipu_plan(small("pipeline.recompute=true", "ipu.replicas=2",
+    plan = ipu_plan(small_config("pipeline.recompute=true", "ipu.replicas=2",
                           "pipeline.device_mapping=[0,0,1,1]"))
     cfg = ipu.apply_ipu_config(plan, _fake_ipu_config(), FAKE_SDK)
     assert (cfg.allow_recompute, cfg.auto_select_ipus) == (True, 4)  # 2 IPUs x 2 replicas
     assert cfg.device_connection.type == "ON_DEMAND" and cfg.floating_point_behaviour.esr is None
     assert cfg.matmuls.poplar_options == cfg.convolutions.poplar_options == {"partialsType": "float"}
-    plan = ipu_plan(small("pipeline.stages=1", "ipu.ipu_model=true", "ipu.tiles_per_ipu=8",
+    plan = ipu_plan(small_config("pipeline.stages=1", "ipu.ipu_model=true", "ipu.tiles_per_ipu=8",
                           "ipu.available_memory_proportion=[0.3]",
                           "training.precision=mixed_float16"))
     cfg = ipu.apply_ipu_config(plan, _fake_ipu_config(), FAKE_SDK, distributed=True)
@@ -277,4 +260,4 @@ def test_ipu_sdk_missing_message():
     assert "make train CONFIG=pipeline_configs/digits.yaml" in msg
     assert "python -m ipu_diffusion train --config pipeline_configs/digits.yaml" in msg
     with pytest.raises(ipu.SDKMissing):
-        ipu.train(small(), "/nonexistent/workdir")
+        ipu.train(small_config(), "/nonexistent/workdir")
