@@ -56,14 +56,12 @@ def _load_for_train(args) -> RunConfig:
 
 def configure_devices(cfg: RunConfig) -> None:
     """Logical CPU devices for pipeline stages or CPU replicas, before TensorFlow starts."""
-    from ipu_diffusion.devices import ensure_logical_cpus
+    from ipu_diffusion.pipeline.devices import configure_logical_cpus, prepare_devices
 
-    need = 1
     if cfg.pipeline.stages > 1:
-        need = max(cfg.pipeline.device_mapping or range(cfg.pipeline.stages)) + 1
-    if cfg.training.strategy == "mirrored":
-        need = max(need, cfg.training.num_replicas)
-    ensure_logical_cpus(need)
+        prepare_devices(cfg.pipeline)
+    if cfg.training.strategy == "mirrored" and cfg.training.num_replicas > 1:
+        configure_logical_cpus(cfg.training.num_replicas)
 
 
 def cmd_train(args) -> int:

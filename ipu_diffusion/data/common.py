@@ -50,12 +50,11 @@ def convert_channels(images: np.ndarray, channels: int, what: str) -> np.ndarray
         if images.dtype == np.uint8:
             grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
         return grey[..., None]
-    raise DataError(f"{what}: images have {have} channels; model.in_channels must be 1 or 3 "
-                    f"and images must have 1, 3 or 4 channels (got {channels} requested)")
+    raise DataError(f"{what}: cannot convert images with {have} channels to model.in_channels "
+                    f"{channels}; images need 1, 3 or 4 channels and model.in_channels 1 or 3")
 
 
-def centre_crop_resize(images: np.ndarray, size: int, what: str = "images",
-                       method: str = "bicubic") -> np.ndarray:
+def centre_crop_resize(images: np.ndarray, size: int, method: str = "bicubic") -> np.ndarray:
     """Square centre crop of the shorter side, then resize to ``size`` x ``size``.
 
     ``images`` ``[N, H, W, C]`` uint8 or float32; returns the same dtype (uint8 results
@@ -84,7 +83,7 @@ def centre_crop_resize(images: np.ndarray, size: int, what: str = "images",
 
 def fit_uint8_array(images: np.ndarray, size: int, channels: int, what: str) -> np.ndarray:
     """uint8 ``[N, H, W, C]`` of any size -> uint8 ``[N, size, size, channels]``."""
-    return centre_crop_resize(convert_channels(images, channels, what), size, what)
+    return centre_crop_resize(convert_channels(images, channels, what), size)
 
 
 def dataset_identity(images: np.ndarray, labels: Optional[np.ndarray] = None) -> str:

@@ -1,8 +1,8 @@
 """The single entry to the data: :func:`load_arrays` and :func:`make_dataset`.
 
-``make_dataset`` streams batches from in-memory arrays with tf.data ops only, so it is
-deterministic under a seed and its iterator can be saved and restored with
-``tf.train.Checkpoint`` (resuming yields exactly the next batch):
+``make_dataset`` streams batches from in-memory arrays with tf.data ops only. Keras
+``Model.fit`` owns its iterator, so the iterator cannot go into a checkpoint; instead the
+order is stateless and a resumed run restarts the stream at its step:
 
 - epoch ``e`` visits the examples in the order ``perm_e``, a permutation drawn
   statelessly from ``(seed, e)``; epochs are chained, so global example position
@@ -10,9 +10,6 @@ deterministic under a seed and its iterator can be saved and restored with
 - batch ``b`` carries ``index = b*B .. b*B+B-1``, the global positions ``p``; the
   trainer keys per-example randomness on it (:mod:`ipu_diffusion.rng`), and so does
   the optional horizontal flip here.
-
-This order and flip are the ones :mod:`ipu_diffusion.training.stream` draws, so both
-give identical batches for one seed.
 """
 from __future__ import annotations
 
@@ -38,7 +35,8 @@ def load_raw(run_config, split: str = "train") -> Tuple[np.ndarray, Optional[np.
     ``model.in_channels`` channels, and int32 labels ``[N]`` or None."""
     if split not in SPLITS:
         raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    data, size, channels = run_config.data, run_config.model.image_size, run_config.model.in_channels
+    data = run_config.data
+    size, channels = run_config.model.image_size, run_config.model.in_channels
     if channels not in (1, 3):
         raise DataError(f"model.in_channels {channels} is not supported by the data sources; "
                         "use 1 (grey) or 3 (RGB)")
@@ -82,47 +80,59 @@ def load_arrays(run_config, split: str = "train") -> Tuple[np.ndarray, Optional[
     return images, labels
 
 
-def _positions(num: int, seed: int) -> tf.data.Dataset:
-    """Infinite int32 stream of example ids: epoch ``e`` is ``perm_e`` drawn from (seed, e)."""
-    seed_t = tf.constant(seed, tf.int64)
-
-    def epoch_order(epoch):
-        u = tf.random.stateless_uniform([num], seed=tf.stack([seed_t, epoch]))
-        return tf.data.Dataset.from_tensor_slices(tf.argsort(u, stable=True))
-
-    return tf.data.Dataset.range(_INT64_MAX).flat_map(epoch_order)
+def _permutation(num: int, seed: int, epoch: tf.Tensor) -> tf.Tensor:
+    """A permutation of 0..num-1 drawn statelessly from (seed, epoch), int32 [num]."""
+    u = tf.random.stateless_uniform([num], seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
+    return tf.cast(tf.argsort(u, stable=True), tf.int32)
 
 
-def make_dataset(run_config, batch_size: int, seed: int, split: str = "train") -> tf.data.Dataset:
-    """Infinite, shuffled, deterministic batches as dicts:
+def batches_from_arrays(images: np.ndarray, labels: Optional[np.ndarray], batch_size: int,
+                        seed: int, start_step: int = 0, random_flip: bool = False
+                        ) -> tf.data.Dataset:
+    """Infinite batches from in-memory arrays; batch ``b`` is a pure function of (seed,
+    start_step + b), so a resumed run sees exactly the batches an uninterrupted one would.
+
+    ``images``: uint8 [N, H, W, C] (kept as uint8 in memory: a quarter of float32) or
+    float32 in [-1, 1]. Yields {image float32 [B,H,W,C], label int32 [B], index int64 [B]}.
+    """
+    num = int(images.shape[0])
+    if batch_size <= 0:
+        raise DataError(f"batch_size must be > 0, got {batch_size}")
+    if batch_size > num:
+        raise DataError(f"batch_size {batch_size} is larger than the data set ({num} images)")
+    images_t = tf.constant(images)
+    labels_t = tf.constant(labels if labels is not None else np.zeros(num, np.int32), tf.int32)
+
+    def assemble(step):
+        pos = step * batch_size + tf.range(batch_size, dtype=tf.int64)  # [B]
+        first = pos[0] // num  # a batch spans at most two epochs (batch_size <= num)
+        perm = tf.concat([_permutation(num, seed, first), _permutation(num, seed, first + 1)], 0)
+        idx = tf.gather(perm, tf.cast(pos - first * num, tf.int32))
+        x = tf.gather(images_t, idx)
+        if x.dtype == tf.uint8:
+            x = tf.cast(x, tf.float32) / 127.5 - 1.0
+        if random_flip:
+            keys = rng.example_keys(seed, 0, pos)
+            mirrored = rng.uniform(keys, (), SALT_FLIP) < 0.5  # [B]
+            x = tf.where(mirrored[:, None, None, None], tf.reverse(x, axis=[2]), x)
+        return {"image": x, "label": tf.gather(labels_t, idx), "index": pos}
+
+    ds = tf.data.Dataset.range(int(start_step), _INT64_MAX)
+    ds = ds.map(assemble, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def make_dataset(run_config, batch_size: int, seed: int, split: str = "train",
+                 start_step: int = 0) -> tf.data.Dataset:
+    """Infinite, shuffled, deterministic batches of ``split`` as dicts:
 
     - ``image`` float32 ``[B, H, W, C]`` in [-1, 1], randomly flipped left-right when
       ``data.random_flip`` (Ho et al. 2020, appendix B), keyed by ``(seed, index)``;
     - ``label`` int32 ``[B]`` (zeros when the source has no labels);
     - ``index`` int64 ``[B]``: batch ``b`` holds ``b*B .. b*B+B-1``.
 
-    Built from in-memory arrays with tf.data ops only: the iterator is checkpointable
-    with ``tf.train.Checkpoint(iterator=it)``.
+    ``start_step`` k starts at batch k of the same stream (exact resume).
     """
-    if batch_size <= 0:
-        raise DataError(f"batch_size must be > 0, got {batch_size}")
     images, labels = load_raw(run_config, split)
-    num = int(images.shape[0])
-    images_t = tf.constant(images)  # uint8 stays uint8 in memory: a quarter of float32
-    labels_t = tf.constant(labels if labels is not None else np.zeros(num, np.int32), tf.int32)
-    flip = run_config.data.random_flip
-
-    def assemble(step, idx):
-        pos = step * batch_size + tf.range(batch_size, dtype=tf.int64)  # [B]
-        x = tf.gather(images_t, idx)
-        if x.dtype == tf.uint8:
-            x = tf.cast(x, tf.float32) / 127.5 - 1.0
-        if flip:
-            keys = rng.example_keys(seed, 0, pos)
-            mirrored = rng.uniform(keys, (), SALT_FLIP) < 0.5  # [B]
-            x = tf.where(mirrored[:, None, None, None], tf.reverse(x, axis=[2]), x)
-        return {"image": x, "label": tf.gather(labels_t, idx), "index": pos}
-
-    ds = _positions(num, seed).batch(batch_size, drop_remainder=True).enumerate()
-    ds = ds.map(assemble, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return batches_from_arrays(images, labels, batch_size, seed, start_step,
+                               run_config.data.random_flip)

@@ -76,7 +76,8 @@ def read_image(path: str, size: int, channels: int) -> Tuple[Optional[np.ndarray
         # Pillow signals unreadable or truncated files with OSError (UnidentifiedImageError
         # is one) and some broken PNG chunks with SyntaxError.
         text = str(e).lower()
-        reason = "truncated" if ("truncated" in text or "broken data stream" in text) else "unreadable"
+        cut = "truncated" in text or "broken data stream" in text
+        reason = "truncated" if cut else "unreadable"
         return None, f"{reason} ({type(e).__name__}: {e})"
     return (arr[..., None] if arr.ndim == 2 else arr), ""
 

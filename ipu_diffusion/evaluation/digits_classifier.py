@@ -10,8 +10,8 @@ their mean square over the training split is 1: values of order one, like Incept
 pool3 features, the regime KID's kernel ``(x.y/d + 1)^3`` was designed for.
 
 Training is deterministic (seeded initialisers, a seeded shuffle, op determinism
-switched on only for its duration), takes a few seconds on two cores and reaches
-about 99 % test accuracy at 16x16. The weights are cached as an ``.npz`` file beside a
+switched on only for its duration), takes about 5 s on two busy cores and reaches
+98 % test accuracy at 16x16 (360 test images). The weights are cached as an ``.npz`` file beside a
 record of the training data's identity and retrained when that record differs.
 """
 from __future__ import annotations
@@ -71,21 +71,24 @@ def build_classifier(image_size: int, channels: int, seed: int = SEED) -> keras.
     the map is at most 4x4, then Conv, Dense(64, ReLU) ("features") and Dense(10)
     ("logits"). Initialisers are seeded.
     """
-    init = iter(range(seed * 100, seed * 100 + 100))
+    init = iter(range(seed * 100, seed * 100 + 100))  # one initialiser seed per layer
+
+    def glorot():
+        return keras.initializers.GlorotUniform(next(init))
+
     inputs = keras.Input((image_size, image_size, channels))
     h, size, width = inputs, image_size, 16
     while True:
         h = keras.layers.Conv2D(width, 3, padding="same", activation="relu",
-                                kernel_initializer=keras.initializers.GlorotUniform(next(init)))(h)
+                                kernel_initializer=glorot())(h)
         if size <= 4:
             break
         h = keras.layers.MaxPooling2D(2, padding="same")(h)
         size, width = math.ceil(size / 2), min(2 * width, 64)
     h = keras.layers.Flatten()(h)
     feats = keras.layers.Dense(FEATURE_DIM, activation="relu", name="features",
-                               kernel_initializer=keras.initializers.GlorotUniform(next(init)))(h)
-    logits = keras.layers.Dense(NUM_CLASSES, name="logits",
-                                kernel_initializer=keras.initializers.GlorotUniform(next(init)))(feats)
+                               kernel_initializer=glorot())(h)
+    logits = keras.layers.Dense(NUM_CLASSES, name="logits", kernel_initializer=glorot())(feats)
     return keras.Model(inputs, [feats, logits], name="digits_classifier")
 
 
@@ -105,7 +108,7 @@ def _fit(model: keras.Model, x: np.ndarray, y: np.ndarray, epochs: int, seed: in
         return loss
 
     shuffler = np.random.RandomState(seed)
-    steps = len(x) // BATCH_SIZE
+    steps = max(1, len(x) // BATCH_SIZE)  # a set smaller than a batch is one batch
     bar = keras.utils.Progbar(epochs, unit_name="epoch") if verbose else None
     for epoch in range(epochs):
         order = shuffler.permutation(len(x))

@@ -99,16 +99,17 @@ def digits_quality(fake_images, run_config, cache_dir: str, labels: Optional[np.
 
 
 def inception_quality(fake_images, run_config, cache_dir: str, inception_path: str = "",
-                      split: str = "train", seed: int = 0, verbose: bool = True) -> Dict[str, float]:
+                      split: str = "train", seed: int = 0,
+                      verbose: bool = True) -> Dict[str, float]:
     """FID/KID/IS/precision/recall of generated images ``[N, H, W, C]`` in [-1, 1] under
     the FID Inception graph (``inception_path``, else ``eval.inception_path``, else
     ``$IPU_DIFFUSION_INCEPTION``) against ``split`` of ``run_config.data`` (the training
     images by default, as DDPM's CIFAR-10 FID is computed)."""
     net = InceptionNet(inception_path or run_config.eval.inception_path)
     real, _ = load_arrays(run_config, split)
-    d = run_config.data
-    source = d.tfds_name if d.source == "tfds" else os.path.basename(os.path.normpath(d.path or d.source))
-    name = f"{d.source}-{source}-{split}-{run_config.model.image_size}px-{run_config.model.in_channels}ch"
+    d, m = run_config.data, run_config.model
+    where = d.tfds_name if d.source == "tfds" else os.path.basename(os.path.normpath(d.path or "."))
+    name = f"{d.source}-{where}-{split}-{m.image_size}px-{m.in_channels}ch"
     ref = reference_stats(real, net, cache_dir, name, batch_size=50, verbose=verbose)
     return compute_metrics(fake_images, ref, net, batch_size=50, seed=seed, verbose=verbose)
 

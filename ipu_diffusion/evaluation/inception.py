@@ -87,8 +87,9 @@ def load_inception_fn(path: str):
     names = {node.name for node in graph_def.node}
     for needed in (INPUT_TENSOR.split(":")[0], POOL3_TENSOR.split(":")[0], LOGITS_MATMUL_OP):
         if needed not in names:
-            raise EvaluationError(f"inception graph {path!r} has no node {needed!r}; expected "
-                                  "the 2015-12-05 FID Inception graph (classify_image_graph_def.pb)")
+            raise EvaluationError(
+                f"inception graph {path!r} has no node {needed!r}; expected the 2015-12-05 "
+                "FID Inception graph (classify_image_graph_def.pb)")
 
     def _import(images):
         tf.compat.v1.import_graph_def(graph_def, input_map={INPUT_TENSOR: images}, name="")

@@ -104,13 +104,19 @@ def _polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
 def kid(features1, features2, num_subsets: int = 100, subset_size: int = 1000,
         seed: int = 0) -> Tuple[float, float]:
     """Kernel Inception Distance: mean and standard deviation of the unbiased MMD^2 over
-    ``num_subsets`` random subsets of ``min(subset_size, N1, N2)`` samples drawn without
-    replacement from each set (Bińkowski et al. 2018, sec. 4; their reference code uses
-    100 subsets of 1000)."""
+    ``num_subsets`` random subsets drawn without replacement from each set (Bińkowski et
+    al. 2018, sec. 4; their reference code uses 100 subsets of 1000).
+
+    The subset size is ``min(subset_size, N1 // 2, N2 // 2)``: at most half of each
+    set, so subsets differ and the spread is informative even for small sets (the
+    mean stays unbiased for any size; with 2,000 or more samples per set this is the
+    reference's 1000)."""
     f1, f2 = _as_features(features1, "features1"), _as_features(features2, "features2")
     if f1.shape[1] != f2.shape[1]:
         raise ValueError(f"kid: feature widths differ: {f1.shape[1]} vs {f2.shape[1]}")
-    m = min(subset_size, len(f1), len(f2))
+    m = min(subset_size, len(f1) // 2, len(f2) // 2)
+    if m < 2:
+        raise ValueError(f"kid: need at least 4 samples per set, got {len(f1)} and {len(f2)}")
     rs = np.random.RandomState(seed)
     with single_blas_thread():
         values = [_polynomial_mmd2(f1[rs.choice(len(f1), m, replace=False)],

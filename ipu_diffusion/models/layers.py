@@ -36,11 +36,13 @@ def set_group_norm_factory(fn: Optional[Callable[..., keras.layers.Layer]]) -> N
     _group_norm_factory = fn
 
 
-def group_norm(groups: int, name: str, epsilon: float = GROUP_NORM_EPSILON) -> keras.layers.Layer:
-    """Group normalisation over the channel axis of ``[B, H, W, C]`` (gamma, beta: ``[C]``)."""
+def group_norm(groups: int, name: str, epsilon: float = GROUP_NORM_EPSILON,
+               dtype=None) -> keras.layers.Layer:
+    """Group normalisation over the channel axis of ``[B, H, W, C]`` (gamma, beta: ``[C]``).
+    ``dtype`` None follows the dtype policy; an installed factory's layer always does."""
     if _group_norm_factory is not None:
         return _group_norm_factory(groups=groups, name=name, epsilon=epsilon)
-    return keras.layers.GroupNormalization(groups=groups, epsilon=epsilon, name=name)
+    return keras.layers.GroupNormalization(groups=groups, epsilon=epsilon, name=name, dtype=dtype)
 
 
 def default_init(scale: float = 1.0):
@@ -97,8 +99,17 @@ def downsample_avg(x: tf.Tensor) -> tf.Tensor:
 _no_autograph = tf.autograph.experimental.do_not_convert
 
 
-def _is_on(training) -> bool:
-    return training is not None and not (isinstance(training, bool) and not training)
+def _shape(shape) -> tuple:
+    """A shape (tuple or TensorShape, Keras 3 or 2) as a tuple of ints/None."""
+    return tuple(None if d is None else int(d) for d in shape)
+
+
+def _resampled(shape, resample: Optional[str], channels: int) -> tuple:
+    """``[B, H, W, C]`` after optional x2 up/down sampling, with ``channels`` channels."""
+    b, h, w, _ = _shape(shape)
+    f = {"up": lambda d: None if d is None else 2 * d,
+         "down": lambda d: None if d is None else d // 2}.get(resample, lambda d: d)
+    return (b, f(h), f(w), channels)
 
 
 class TimestepEmbed(keras.layers.Layer):
@@ -111,7 +122,7 @@ class TimestepEmbed(keras.layers.Layer):
 
     def __init__(self, ch: int, num_classes: int = 0, name: Optional[str] = None, **kwargs):
         super().__init__(name=name, **kwargs)
-        self.ch, self.num_classes = ch, num_classes
+        self.ch = ch
         self.dense0 = dense(4 * ch, "dense0")
         self.dense1 = dense(4 * ch, "dense1")
         self.label_emb = None
@@ -134,6 +145,10 @@ class TimestepEmbed(keras.layers.Layer):
             emb = emb + tf.cast(self.label_emb(y), emb.dtype)
         return emb
 
+    def compute_output_shape(self, input_shape):
+        t_shape = input_shape[0] if self.label_emb is not None else input_shape
+        return (_shape(t_shape)[0], 4 * self.ch)
+
 
 class KeyedDropout(keras.layers.Layer):
     """Stateless inverted dropout keyed per example: ``[h [B, ...], key int32 [B]] -> h``.
@@ -155,7 +170,7 @@ class KeyedDropout(keras.layers.Layer):
     @_no_autograph
     def call(self, inputs, training=None):
         h, key = inputs
-        if self.rate <= 0.0 or not _is_on(training):
+        if self.rate <= 0.0 or training is None or training is False:
             return h
         u = rng.uniform(rng.fold(key, self.salt), h.shape[1:], self.salt)
         keep = tf.cast(u >= self.rate, h.dtype) * tf.cast(1.0 / (1.0 - self.rate), h.dtype)
@@ -163,6 +178,9 @@ class KeyedDropout(keras.layers.Layer):
         if isinstance(training, bool):
             return dropped
         return tf.cond(tf.cast(training, tf.bool), lambda: dropped, lambda: h)
+
+    def compute_output_shape(self, input_shape):
+        return _shape(input_shape[0])
 
 
 class ResBlock(keras.layers.Layer):
@@ -229,6 +247,9 @@ class ResBlock(keras.layers.Layer):
             x = self.skip(x)
         return x + h
 
+    def compute_output_shape(self, input_shape):
+        return _resampled(input_shape[0], self.resample, self.out_channels)
+
 
 class AttentionBlock(keras.layers.Layer):
     """Self-attention over positions: ``[B, H, W, C] -> [B, H, W, C]``, residual.
@@ -272,6 +293,9 @@ class AttentionBlock(keras.layers.Layer):
             a = tf.transpose(a, [0, 2, 1, 3])  # [B, HW, heads, d]
         return inputs + self.proj_out(tf.reshape(a, [b, hh, ww, c]))
 
+    def compute_output_shape(self, input_shape):
+        return _shape(input_shape)
+
 
 class ResAttnBlock(keras.layers.Layer):
     """A U-Net block: optional skip concatenation, a :class:`ResBlock`, optional attention.
@@ -304,6 +328,9 @@ class ResAttnBlock(keras.layers.Layer):
             h = self.attn(h, training=training)
         return h
 
+    def compute_output_shape(self, input_shape):
+        return _resampled(input_shape[0], self.res.resample, self.res.out_channels)
+
 
 class Downsample(keras.layers.Layer):
     """``[B, H, W, C] -> [B, H/2, W/2, C]``: 3x3 conv with stride 2 (``with_conv``, SAME
@@ -322,6 +349,9 @@ class Downsample(keras.layers.Layer):
     @_no_autograph
     def call(self, inputs, training=None):
         return self.conv(inputs) if self.conv is not None else downsample_avg(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return _resampled(input_shape, "down", self.channels)
 
 
 class Upsample(keras.layers.Layer):
@@ -342,16 +372,19 @@ class Upsample(keras.layers.Layer):
         h = upsample_nearest(inputs)
         return self.conv(h) if self.conv is not None else h
 
+    def compute_output_shape(self, input_shape):
+        return _resampled(input_shape, "up", self.channels)
+
 
 class OutBlock(keras.layers.Layer):
-    """``[B, H, W, C] -> [B, H, W, out_channels]`` float32: GroupNorm -> swish -> conv3x3
-    (zero init; computed in float32 so the output is float32 under mixed precision)."""
+    """``[B, H, W, C] -> [B, H, W, out_channels]``: GroupNorm -> swish -> conv3x3 (zero
+    init). Runs in float32 whatever the dtype policy, so the U-Net's output is float32."""
 
     def __init__(self, channels: int, out_channels: int, num_groups: int, zero_init: bool = True,
                  name: Optional[str] = None, **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.channels = channels
-        self.norm = group_norm(num_groups, "norm")
+        super().__init__(name=name, dtype="float32", **kwargs)
+        self.channels, self.out_channels = channels, out_channels
+        self.norm = group_norm(num_groups, "norm", dtype="float32")
         self.conv = conv(out_channels, 3, "conv", scale=0.0 if zero_init else 1.0, dtype="float32")
 
     def build(self, input_shape):
@@ -362,3 +395,6 @@ class OutBlock(keras.layers.Layer):
     @_no_autograph
     def call(self, inputs, training=None):
         return self.conv(tf.nn.silu(self.norm(inputs)))
+
+    def compute_output_shape(self, input_shape):
+        return _shape(input_shape)[:3] + (self.out_channels,)

@@ -33,7 +33,8 @@ import tensorflow as tf
 
 from ipu_diffusion.config import ConfigError, PipelineConfig
 from ipu_diffusion.models.carry import BlockSpec, live_before
-from ipu_diffusion.pipeline.devices import raw_variable, same_device, stage_devices, variable_device
+from ipu_diffusion.pipeline.devices import (build_on_stage_devices, raw_variable, same_device,
+                                            stage_devices, variable_device)
 from ipu_diffusion.pipeline.partition import LOSS_KEY, Partition, partition_unet
 from ipu_diffusion.pipeline.schedule import Task, max_in_flight, schedule_tasks
 
@@ -226,10 +227,14 @@ class PipelineExecutor:
             grad_keys = self._grad_keys(s, inputs)
             variables = [self.variables[i] for i in self.stage_variables[s]]
             keys = sorted(upstream)
-            grads = tape.gradient([outputs[k] for k in keys],
-                                  [inputs[k] for k in grad_keys] + variables,
-                                  output_gradients=[upstream[k] for k in keys],
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            sources = [inputs[k] for k in grad_keys] + variables
+            if keys:
+                grads = tape.gradient([outputs[k] for k in keys], sources,
+                                      output_gradients=[upstream[k] for k in keys],
+                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            else:  # nothing differentiable leaves this stage
+                grads = [tf.zeros_like(inputs[k]) for k in grad_keys] + \
+                    [tf.zeros(tuple(v.shape), v.dtype) for v in variables]
             input_grads = dict(zip(grad_keys, grads[:len(grad_keys)]))
             var_grads = [_dense(g) for g in grads[len(grad_keys):]]
             acc = st.acc.get(s)
@@ -310,3 +315,16 @@ def build_executor(unet, objective, pipeline: PipelineConfig, global_batch: Opti
                                    (LOSS_KEY,) + tuple(report_keys))
     return PipelineExecutor(unet, objective.front, objective.loss, partition, pipeline,
                             devices=devices, global_batch=global_batch)
+
+
+def build_placed_executor(build_fn: Callable[[], Any], objective, pipeline: PipelineConfig,
+                          global_batch: Optional[int] = None, report_keys: Sequence[str] = ()):
+    """``(unet, executor)`` with stage s's variables created on device s (see
+    :func:`~.devices.build_on_stage_devices`); ``build_fn`` e.g. ``lambda: build_unet(cfg.model)``.
+    """
+    unet, partition, devices = build_on_stage_devices(
+        build_fn, pipeline, objective.front_spec, objective.loss_spec,
+        (LOSS_KEY,) + tuple(report_keys))
+    executor = PipelineExecutor(unet, objective.front, objective.loss, partition, pipeline,
+                                devices=devices, global_batch=global_batch)
+    return unet, executor

@@ -1,37 +1,29 @@
 """Poplar SDK adapter: the pipelined U-Net trained with Keras ``fit`` on Graphcore IPUs.
 
-Everything that decides *what* to ask for is :func:`~.ipu_plan.ipu_plan`; this module only
-applies the plan. It imports ``tensorflow.python.ipu``, ``keras.ipu`` (Graphcore's Keras
-2.6 fork), ``ipu_tensorflow_addons`` and ``popdist`` inside functions, after
-:func:`require_sdk`, so the package imports without the SDK. The pieces that need no SDK
-(the composed training model, the micro-batch stream, the loss, the optimizer's gradient
-transformers and EMA slots, the stage assignment, the option dictionaries) are plain
-functions tested on CPU; SDK objects are passed in through the :func:`sdk` namespace.
+:func:`~.ipu_plan.ipu_plan` decides what to ask for; this module applies it. The SDK
+(``tensorflow.python.ipu``, Graphcore's Keras 2.6 fork, ``ipu_tensorflow_addons``,
+``popdist``) is imported only inside :func:`sdk`, after :func:`require_sdk`; SDK-free
+pieces are plain functions tested on CPU, with SDK objects passed in. Design (Graphcore
+"Keras with IPUs" guide, SDK 3.x; graphcore/keras ``keras/ipu``):
 
-Design (Graphcore "Keras with IPUs" guide, Poplar SDK 3.x; graphcore/keras ``keras/ipu``):
-
-* The model is functional: inputs are the micro-batch ``{x0, key[, y]}``, stage 0 runs
-  ``objective.front``, stage s the U-Net's stage model s (``unet.stage_models_for_ranges``,
-  the *same* models the plain-TF executor runs), the last stage ``objective.loss``; the
-  output is the per-example loss ``[b]``. Pipelined models may not override
-  ``train_step``, so ``compile`` gets a loss that returns the model output.
-* Stages are assigned with ``get_pipeline_stage_assignment`` /
-  ``set_pipeline_stage_assignment``, the guide's route for models containing nested
+* One functional model from the micro-batch ``{x0, key[, y]}`` to the per-example loss
+  ``[b]``: ``objective.front``, the U-Net's stage models (``stage_models_for_ranges``, the
+  same ones the plain-TF executor runs), ``objective.loss``. Pipelined models may not
+  override ``train_step``, so ``compile`` gets a loss that returns the model output.
+* Stages are set with ``get/set_pipeline_stage_assignment``, the guide's route for nested
   models: a ``keras.ipu.PipelineStage`` scope around a nested-model call does not reach
-  the nested model's own layer calls, and the Functional constructor rejects a model
-  whose nested invocations carry no stage (``functional_extensions.py``,
-  ``_get_pipelining_from_nodes_delegate``).
-* Gradients: the Keras loss averages the micro-batch, accumulation uses
-  ``GradientAccumulationReductionMethod.MEAN`` over M, replicas are all-reduced by sum,
-  so a gradient transformer divides by R (as Graphcore's BERT does) and then clips by
-  global norm: the update is that of the global-batch mean, as on CPU.
-* EMA: variables may be modified only by ``apply_gradients`` inside a pipeline
-  (``pipelining_ops.pipeline`` docs), so the EMA lives in the optimizer as an ``ema``
-  slot updated right after each Adam update; :class:`SlotEMA` exposes the slots with the
-  trainer's ``EMA`` layout (``ema/shadow/i``), so checkpoints look like CPU runs'.
+  the nested layers, and the Functional constructor rejects nested invocations without a
+  stage (``functional_extensions.py``, ``_get_pipelining_from_nodes_delegate``).
+* Gradients: Keras averages the micro-batch, accumulation takes the MEAN over M,
+  replicas are summed (all-reduce), so a gradient transformer divides by R (as
+  Graphcore's BERT does) and clips by global norm: the global-batch mean, as on CPU.
+* EMA: inside a pipeline only ``apply_gradients`` may modify variables
+  (``pipelining_ops.pipeline`` docs), so the EMA is an optimizer slot updated after each
+  Adam update; :class:`EMASyncCallback` copies it into the trainer's ``EMA`` before each
+  checkpoint, which keeps the CPU run's layout (``ema/shadow/i``).
 * mixed_float16: Keras' dynamic LossScaleOptimizer does not support IPUStrategy, so a
-  static scale (``plan.loss_scale``) multiplies the gradient of the loss (not its value)
-  and the first gradient transformer divides it out; float16 uses stochastic rounding.
+  static ``plan.loss_scale`` scales the loss gradient (not its value) and the first
+  gradient transformer divides it out; float16 results use stochastic rounding.
 """
 from __future__ import annotations
 
@@ -58,8 +50,7 @@ class SDKMissing(RuntimeError):
 
 
 def sdk_available() -> bool:
-    """True when Graphcore's TensorFlow (``tensorflow.python.ipu``) and
-    ``ipu_tensorflow_addons`` are importable."""
+    """True when ``tensorflow.python.ipu`` and ``ipu_tensorflow_addons`` are importable."""
     try:
         return (importlib.util.find_spec("ipu_tensorflow_addons") is not None
                 and importlib.util.find_spec("tensorflow.python.ipu") is not None)
@@ -67,54 +58,54 @@ def sdk_available() -> bool:
         return False
 
 
-def sdk_missing_message(config_path: Optional[str] = None) -> str:
-    cfg = config_path or "FILE"
-    return (f"train-ipu needs Graphcore's Poplar SDK, whose TensorFlow is not installed in this "
-            f"Python (no tensorflow.python.ipu / ipu_tensorflow_addons). Download the SDK from "
-            f"{SDK_DOWNLOAD}, run 'source <sdk>/enable' and, in a Python 3.8 virtualenv, "
-            f"'pip install' its tensorflow-2.6.3+gc*, keras-2.6.0+gc* and "
-            f"ipu_tensorflow_addons-2.6.3+gc* wheels. Without IPUs, train the same config on "
-            f"CPU/GPU: make train CONFIG={cfg}  (python -m ipu_diffusion train --config {cfg})")
-
-
 def require_sdk(config_path: Optional[str] = None) -> None:
-    """Raise :class:`SDKMissing` (one message naming the SDK and the fallback command)."""
-    if not sdk_available():
-        raise SDKMissing(sdk_missing_message(config_path))
+    """Raise :class:`SDKMissing`: one line naming the SDK, its wheels and the CPU fallback."""
+    if sdk_available():
+        return
+    cfg = config_path or "FILE"
+    raise SDKMissing(
+        f"train-ipu needs Graphcore's Poplar SDK, whose TensorFlow is not installed in this "
+        f"Python (no tensorflow.python.ipu / ipu_tensorflow_addons). Download the SDK from "
+        f"{SDK_DOWNLOAD}, run 'source <sdk>/enable' and, in a Python 3.8 virtualenv, 'pip "
+        f"install' its tensorflow-2.6.3+gc*, keras-2.6.0+gc* and ipu_tensorflow_addons-2.6.3+gc* "
+        f"wheels. Without IPUs, train the same config on CPU/GPU: make train CONFIG={cfg}  "
+        f"(python -m ipu_diffusion train --config {cfg})")
 
 
 def sdk() -> SimpleNamespace:
-    """The SDK objects this module uses, imported now (after :func:`require_sdk`)."""
+    """The SDK objects this module uses (SDK 3.x import paths, else 2.x)."""
     require_sdk()
     from ipu_tensorflow_addons.keras.layers import GroupNormalization
     from tensorflow.python import ipu
-    from tensorflow.python.ipu.ops import pipelining_ops
+    from tensorflow.python.ipu.ops import pipelining_ops as pops
 
     try:
         from tensorflow.python.ipu.gradient_accumulation import GradientAccumulationReductionMethod
-    except ImportError:  # SDK 2.x
+    except ImportError:
         from tensorflow.python.ipu.optimizers.gradient_accumulation_optimizer import (
             GradientAccumulationReductionMethod)
-    popdist = pop_strategy = None
+    popdist, strategy = _popdist()
+    srb = getattr(ipu.config, "StochasticRoundingBehaviour", None)
+    return SimpleNamespace(
+        ipu=ipu, PipelineSchedule=pops.PipelineSchedule, RecomputationMode=pops.RecomputationMode,
+        PipelineStageOptions=pops.PipelineStageOptions, GroupNormalization=GroupNormalization,
+        reduction_mean=GradientAccumulationReductionMethod.MEAN, popdist=popdist,
+        PopDistStrategy=strategy, stochastic_rounding_on=srb.ON if srb is not None else True,
+        device_on_demand=ipu.config.DeviceConnectionType.ON_DEMAND)
+
+
+def _popdist():
+    """``(popdist, PopDistStrategy)`` when running under ``poprun``, else ``(None, None)``."""
     try:
         import popdist
         import popdist.tensorflow  # noqa: F401 (set_ipu_config)
         try:
             from tensorflow.python.ipu.distributed.popdist_strategy import PopDistStrategy
-        except ImportError:  # SDK 2.x
+        except ImportError:
             from tensorflow.python.ipu.horovod.popdist_strategy import PopDistStrategy
-        pop_strategy = PopDistStrategy
     except ImportError:
-        popdist = None
-    srb = getattr(ipu.config, "StochasticRoundingBehaviour", None)
-    return SimpleNamespace(
-        ipu=ipu, PipelineSchedule=pipelining_ops.PipelineSchedule,
-        RecomputationMode=pipelining_ops.RecomputationMode,
-        PipelineStageOptions=pipelining_ops.PipelineStageOptions,
-        reduction_mean=GradientAccumulationReductionMethod.MEAN,
-        GroupNormalization=GroupNormalization, popdist=popdist, PopDistStrategy=pop_strategy,
-        stochastic_rounding_on=srb.ON if srb is not None else True,
-        device_on_demand=ipu.config.DeviceConnectionType.ON_DEMAND)
+        return None, None
+    return (popdist, PopDistStrategy) if popdist.isPopdistEnvSet() else (None, None)
 
 
 # --------------------------------------------------------------------------- IPUConfig
@@ -130,9 +121,8 @@ def emulator_flags(existing: str, plan: IPUPlan) -> str:
 
 
 def poplar_options(plan: IPUPlan, stage: Optional[int] = None) -> Dict[str, str]:
-    """Convolution/matmul Poplar options (values are strings): ``partialsType`` and, when
-    configured, the stage's ``availableMemoryProportion``. ``stage=None``: the global
-    options (a single-stage model takes stage 0's proportion)."""
+    """Convolution/matmul Poplar options (string values): ``partialsType`` and the stage's
+    ``availableMemoryProportion``; ``stage=None``: global (one stage: stage 0's)."""
     opts = {"partialsType": plan.partials_type}
     amp = plan.available_memory_proportion
     if amp and (stage is not None or not plan.pipelined):
@@ -167,12 +157,14 @@ def configure(plan: IPUPlan, seed: Optional[int] = None):
     ns = sdk()
     if plan.ipu_model:
         os.environ["TF_POPLAR_FLAGS"] = emulator_flags(os.environ.get("TF_POPLAR_FLAGS", ""), plan)
-    distributed = ns.popdist is not None and ns.popdist.isPopdistEnvSet()
+    distributed = ns.popdist is not None
     config = apply_ipu_config(plan, ns.ipu.config.IPUConfig(), ns, distributed)
     if distributed:
         if ns.popdist.getNumTotalReplicas() != plan.replicas:
             raise ConfigError(f"ipu.replicas: {plan.replicas} but poprun started "
                               f"{ns.popdist.getNumTotalReplicas()} replicas (--num-replicas)")
+        if hasattr(ns.popdist, "init"):
+            ns.popdist.init()
         ns.popdist.tensorflow.set_ipu_config(config, ipus_per_replica=plan.ipus_per_replica,
                                              configure_device=True)
     config.configure_ipu_system()
@@ -189,11 +181,9 @@ def ipu_group_norm_factory(group_norm_cls: Callable) -> Callable:
     conventional (non-strided) channel groups, gamma ones and beta zeros (its defaults
     are None initialisers, which Keras turns into Glorot)."""
 
-    def make(groups: int, name: str, epsilon: float):
-        return group_norm_cls(groups=groups, epsilon=epsilon, strided_channel_grouping=False,
-                              gamma_initializer="ones", beta_initializer="zeros", name=name)
-
-    return make
+    return lambda groups, name, epsilon: group_norm_cls(
+        groups=groups, epsilon=epsilon, strided_channel_grouping=False,
+        gamma_initializer="ones", beta_initializer="zeros", name=name)
 
 
 # --------------------------------------------------------------------------- the model
@@ -257,8 +247,7 @@ def assign_stages(assignments: Sequence[Any], stage_of: Mapping[int, int]) -> Se
 
 def pipelining_options(plan: IPUPlan, sdk_ns: Any) -> Dict[str, Any]:
     """Keyword arguments of ``model.set_pipelining_options`` (graphcore/keras
-    ``FunctionalExtension.set_pipelining_options``; the rest go to
-    ``pipelining_ops.pipeline``)."""
+    ``FunctionalExtension``; extra ones are forwarded to ``pipelining_ops.pipeline``)."""
     opts: Dict[str, Any] = {
         "gradient_accumulation_steps_per_replica": plan.microbatches,
         "device_mapping": list(plan.device_mapping),
@@ -368,23 +357,37 @@ def ema_optimizer_class(base: type) -> type:
     return EMAOptimizer
 
 
-def make_ipu_optimizer(cfg: TrainingConfig, plan: IPUPlan, base: Optional[type] = None):
+def make_ipu_optimizer(cfg: TrainingConfig, plan: IPUPlan):
     """Adam with warmup, EMA slots and the gradient transformers above."""
-    cls = ema_optimizer_class(base or keras.optimizers.Adam)
+    cls = ema_optimizer_class(keras.optimizers.Adam)
     return cls(ema_decay=cfg.ema_decay, learning_rate=WarmupSchedule(cfg.lr, cfg.warmup_steps),
                beta_1=cfg.adam_beta1, beta_2=cfg.adam_beta2, epsilon=cfg.adam_eps,
                gradient_transformers=gradient_transformers(
                    1.0 / (plan.loss_scale * plan.replicas), cfg.grad_clip))
 
 
-class SlotEMA(EMA):
-    """The trainer's :class:`EMA` over existing variables (the optimizer's ``ema`` slots),
-    so ``copy_to`` and the checkpoint layout (``ema/shadow/i``) are the CPU run's."""
+class EMASyncCallback(keras.callbacks.Callback):
+    """Before each checkpoint (same cadence as ``CheckpointCallback``; list it first) and at
+    the end, copy the optimizer's ``ema`` slots into the trainer's :class:`EMA` module, a
+    host copy with the CPU run's checkpoint layout (``ema/shadow/i``): a slot variable may
+    not also be a checkpoint dependency of another object."""
 
-    def __init__(self, shadow: Sequence[Any], decay: float):  # pylint: disable=super-init-not-called
-        tf.Module.__init__(self, name="ema")
-        self.decay = float(decay)
-        self.shadow = list(shadow)
+    def __init__(self, slots: Sequence[Any], ema: EMA, every: int):
+        super().__init__()
+        from ipu_diffusion.training.callbacks import _Every  # noqa: SLF001 (same cadence)
+
+        self.slots, self.ema, self.due = list(slots), ema, _Every(every)
+
+    def sync(self) -> None:
+        for shadow, slot in zip(self.ema.shadow, self.slots):
+            shadow.assign(tf.convert_to_tensor(slot))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.due(int(self.model.optimizer.iterations.numpy())):
+            self.sync()
+
+    def on_train_end(self, logs=None):
+        self.sync()
 
 
 # --------------------------------------------------------------------------- data, run
@@ -392,10 +395,9 @@ class SlotEMA(EMA):
 
 def micro_batch_stream(stream: tf.data.Dataset, seed: int, micro_batch: int, use_labels: bool,
                        num_shards: int = 1, shard: int = 0) -> tf.data.Dataset:
-    """Split each global batch of ``training.stream`` into consecutive micro-batches
-    ``({x0, key[, y]}, dummy target [b])``. One weight update consumes M x R of them,
-    i.e. exactly one global batch; keys are the CPU trainer's (``rng.example_keys(seed,
-    0, index)``). Under ``poprun`` instance ``shard`` of ``num_shards`` takes every
+    """Each global batch of ``data.make_dataset`` as consecutive micro-batches ``({x0, key[,
+    y]}, dummy target [b])``; a weight update consumes M x R of them, one global batch.
+    Keys are the CPU trainer's. Under ``poprun`` instance ``shard`` takes every
     ``num_shards``-th micro-batch."""
 
     def split(batch):
@@ -404,13 +406,10 @@ def micro_batch_stream(stream: tf.data.Dataset, seed: int, micro_batch: int, use
             feats["y"] = tf.cast(batch["label"], tf.int32)
         feats = {k: tf.reshape(v, [-1, micro_batch] + v.shape[1:].as_list())
                  for k, v in feats.items()}
-        dummy = tf.zeros_like(feats["key"], tf.float32)
-        return tf.data.Dataset.from_tensor_slices((feats, dummy))
+        return tf.data.Dataset.from_tensor_slices((feats, tf.zeros_like(feats["key"], tf.float32)))
 
     ds = stream.flat_map(split)
-    if num_shards > 1:
-        ds = ds.shard(num_shards, shard)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return (ds.shard(num_shards, shard) if num_shards > 1 else ds).prefetch(tf.data.AUTOTUNE)
 
 
 class PipelinedTrainer:
@@ -420,7 +419,8 @@ class PipelinedTrainer:
     def __init__(self, model, unet, optimizer, microbatches: int):
         self.model, self.unet, self.optimizer = model, unet, optimizer
         self.microbatches = int(microbatches)
-        self.ema: Optional[SlotEMA] = None
+        self.ema: Optional[EMA] = None
+        self.ema_slots: List[Any] = []
 
     def fit(self, dataset, steps_per_epoch: int, **kwargs):
         return self.model.fit(dataset, steps_per_epoch=steps_per_epoch * self.microbatches,
@@ -451,8 +451,8 @@ def build_ipu_run(cfg: RunConfig, workdir: str, system_ipus: Optional[int] = Non
                       steps_per_execution=plan.steps_per_execution)
         trainer = PipelinedTrainer(model, unet, optimizer, plan.microbatches)
         build_optimizer_state(trainer)
-        trainer.ema = SlotEMA([optimizer.get_slot(v, "ema") for v in unet.trainable_variables],
-                              cfg.training.ema_decay)
+        trainer.ema_slots = [optimizer.get_slot(v, "ema") for v in unet.trainable_variables]
+    trainer.ema = EMA(unet.trainable_variables, cfg.training.ema_decay)  # on the host
     checkpoint = tf.train.Checkpoint(unet=unet.keras_model, optimizer=optimizer, ema=trainer.ema)
     manager = tf.train.CheckpointManager(checkpoint, os.path.join(workdir, run_lib.CHECKPOINT_DIR),
                                          max_to_keep=cfg.training.keep_checkpoints)
@@ -465,10 +465,9 @@ def train(run_config: RunConfig, workdir: Optional[str] = None, resume: bool = F
     """Train on IPUs to ``training.steps``; same workdir, stream, callbacks and checkpoint
     layout as :func:`ipu_diffusion.training.run.train`. Returns (and writes) metrics.json.
     Sample grids are not made during IPU training (see the README's IPU section)."""
-    from ipu_diffusion.data import load_arrays
+    from ipu_diffusion.data import make_dataset
     from ipu_diffusion.training import callbacks as cb
     from ipu_diffusion.training import run as run_lib
-    from ipu_diffusion.training.stream import training_stream
 
     require_sdk()
     cfg, t = run_config, run_config.training
@@ -478,17 +477,17 @@ def train(run_config: RunConfig, workdir: Optional[str] = None, resume: bool = F
     run, plan = build_ipu_run(cfg, workdir, system_ipus)
     print(describe(plan))
     start = run_lib.restore_latest(run, required=False)
-    images, labels = load_arrays(cfg, "train")
     use_labels = bool(run.objective.num_classes)
-    shards = _instances()
+    popdist = sdk().popdist
+    shards = (popdist.getNumInstances(), popdist.getInstanceIndex()) if popdist else (1, 0)
 
     def stream_from(step: int):
-        ds = training_stream(images, labels if cfg.data.use_labels else None, t.batch_size,
-                             cfg.run.seed, start_step=step, random_flip=cfg.data.random_flip)
+        ds = make_dataset(cfg, t.batch_size, cfg.run.seed, start_step=step)
         return micro_batch_stream(ds, cfg.run.seed, plan.micro_batch, use_labels, *shards)
 
     throughput = cb.ThroughputCallback(t.batch_size)
     callbacks = [throughput, cb.TensorBoardCallback(os.path.join(workdir, "tensorboard"), t.log_every),
+                 EMASyncCallback(run.trainer.ema_slots, run.trainer.ema, t.checkpoint_every),
                  cb.CheckpointCallback(run.manager, t.checkpoint_every)]
     began = time.time()
     with run.strategy.scope():
@@ -500,14 +499,3 @@ def train(run_config: RunConfig, workdir: Optional[str] = None, resume: bool = F
                "samples": None}
     run_lib.write_json(os.path.join(workdir, "metrics.json"), metrics)
     return metrics
-
-
-def _instances() -> Tuple[int, int]:
-    """``(num_instances, instance_index)`` under poprun, else ``(1, 0)``."""
-    try:
-        import popdist
-    except ImportError:
-        return 1, 0
-    if not popdist.isPopdistEnvSet():
-        return 1, 0
-    return int(popdist.getNumInstances()), int(popdist.getInstanceIndex())

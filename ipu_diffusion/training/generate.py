@@ -11,15 +11,15 @@ from ipu_diffusion.diffusion import sampling
 
 
 def ema_unet(run):
-    """A second U-Net holding the run's EMA weights (built once, refreshed every call)."""
+    """A second U-Net holding the run's EMA weights (built once, refreshed every call),
+    and its denoise function (one closure, so the compiled sampler is traced once)."""
     from ipu_diffusion.models.unet import build_unet
 
-    net = getattr(run, "_ema_unet", None)
-    if net is None:
-        net = build_unet(run.cfg.model)
-        run._ema_unet = net
-    run.trainer.ema.copy_to(net.trainable_variables)
-    return net
+    if getattr(run, "_ema_unet", None) is None:
+        run._ema_unet = build_unet(run.cfg.model)
+        run._ema_denoise = denoise_fn_for(run._ema_unet)
+    run.trainer.ema.copy_to(run._ema_unet.trainable_variables)
+    return run._ema_unet, run._ema_denoise
 
 
 def denoise_fn_for(unet, labels: Optional[tf.Tensor] = None) -> Callable:
@@ -45,8 +45,7 @@ def sample_images(run, num: int, seed: int, sampler: Optional[str] = None,
     steps = steps or cfg.eval.steps
     eta = cfg.eval.eta if eta is None else eta
     batch_size = min(batch_size or cfg.eval.batch_size, num)
-    net = ema_unet(run)
-    denoise = denoise_fn_for(net)
+    _, denoise = ema_unet(run)
     shape = (batch_size, cfg.model.image_size, cfg.model.image_size, cfg.model.in_channels)
     bar = keras.utils.Progbar(num, unit_name="image") if progress else None
     out = []

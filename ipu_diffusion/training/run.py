@@ -15,7 +15,6 @@ from ipu_diffusion._keras import keras
 from ipu_diffusion.config import ConfigError, RunConfig, load_config, save_config, to_dict
 from ipu_diffusion.training import callbacks as cb
 from ipu_diffusion.training.objective import DiffusionObjective
-from ipu_diffusion.training.stream import training_stream
 from ipu_diffusion.training.trainer import DiffusionTrainer, build_optimizer_state, make_optimizer
 
 CONFIG_FILE = "config.yaml"
@@ -69,21 +68,17 @@ def set_precision(precision: str) -> None:
 
 def build_run(cfg: RunConfig, workdir: str) -> Run:
     """Build model, objective, trainer and checkpoint (nothing is restored yet)."""
-    from ipu_diffusion.models.unet import build_unet
-
     if cfg.training.deterministic:
         tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(cfg.run.seed)
     set_precision(cfg.training.precision)
     strategy = make_strategy(cfg)
     if cfg.pipeline.stages > 1 and strategy.num_replicas_in_sync > 1:
         raise ConfigError("training.strategy: data-parallel replicas with pipeline.stages > 1 "
                           "run on IPUs only (ipu.replicas); use strategy 'default' here")
     with strategy.scope():
-        unet = build_unet(cfg.model)
         objective = DiffusionObjective(cfg.diffusion, cfg.model.num_classes if cfg.data.use_labels else 0,
                                        cfg.training.class_dropout)
-        executor = _pipeline_executor(cfg, unet, objective)
+        unet, executor = _build_model(cfg, objective)
         trainer = DiffusionTrainer(unet, objective, cfg.training, seed=cfg.run.seed,
                                    global_batch=cfg.training.batch_size, executor=executor)
         trainer.compile(optimizer=make_optimizer(cfg.training),
@@ -100,12 +95,22 @@ def build_run(cfg: RunConfig, workdir: str) -> Run:
     return Run(cfg, workdir, strategy, unet, objective, trainer, checkpoint, manager)
 
 
-def _pipeline_executor(cfg: RunConfig, unet, objective: DiffusionObjective):
-    if cfg.pipeline.stages <= 1:
-        return None
-    from ipu_diffusion.pipeline.fallback import build_executor
+def _build_model(cfg: RunConfig, objective: DiffusionObjective):
+    """``(unet, executor)``: the executor is None without pipelining; with it, stage s's
+    variables are created on stage s's device. Either way the weights start from the
+    same seeded initialisation."""
+    from ipu_diffusion.models.unet import build_unet
 
-    return build_executor(unet, objective, cfg.pipeline, global_batch=cfg.training.batch_size)
+    def build():
+        keras.utils.set_random_seed(cfg.run.seed)
+        return build_unet(cfg.model)
+
+    if cfg.pipeline.stages <= 1:
+        return build(), None
+    from ipu_diffusion.pipeline.fallback import build_placed_executor
+
+    return build_placed_executor(build, objective, cfg.pipeline,
+                                 global_batch=cfg.training.batch_size, report_keys=("t",))
 
 
 def restore_latest(run: Run, required: bool) -> int:
@@ -145,7 +150,7 @@ def prepare_workdir(cfg: RunConfig, workdir: str, resume: bool) -> None:
 def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
           verbose: int = 1) -> Dict[str, Any]:
     """Train to ``cfg.training.steps``; returns (and writes) ``metrics.json``'s content."""
-    from ipu_diffusion.data import load_arrays
+    from ipu_diffusion.data import make_dataset
     from ipu_diffusion.training.generate import sample_images
     from ipu_diffusion.visualize import save_image_grid
 
@@ -154,11 +159,9 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
     run = build_run(cfg, workdir)
     start = restore_latest(run, required=False)
     t = cfg.training
-    images, labels = load_arrays(cfg, "train")
 
     def stream_from(step: int):
-        return training_stream(images, labels if cfg.data.use_labels else None, t.batch_size,
-                               cfg.run.seed, start_step=step, random_flip=cfg.data.random_flip)
+        return make_dataset(cfg, t.batch_size, cfg.run.seed, start_step=step)
 
     tb = cb.TensorBoardCallback(os.path.join(workdir, "tensorboard"), t.log_every)
     throughput = cb.ThroughputCallback(t.batch_size)

@@ -95,7 +95,9 @@ class DiffusionTrainer(keras.Model):
         return [self.loss_tracker, self.gnorm_tracker, self.lr_tracker]
 
     def call(self, inputs, training=False):
-        return self.unet.keras_model(inputs, training=training)
+        """Per-example loss [B] of a data batch (what ``fit`` builds the model with)."""
+        terms, _ = self.per_example_losses(self.carry_from_batch(inputs), training=training)
+        return terms["loss"]
 
     def carry_from_batch(self, data: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         """The step's input carry: images, per-example keys and (optionally) labels."""
@@ -128,6 +130,13 @@ class DiffusionTrainer(keras.Model):
             return opt.scale_loss(loss) if hasattr(opt, "scale_loss") else loss
         return opt.get_scaled_loss(loss) if hasattr(opt, "get_scaled_loss") else loss
 
+    def _loss_scale(self):
+        """The dynamic loss scale for fp16 (the executor scales its own losses), or None."""
+        scale = getattr(self.optimizer, "dynamic_scale", None)  # Keras 3
+        if scale is None:
+            scale = getattr(self.optimizer, "loss_scale", None)  # Keras 2
+        return None if scale is None else tf.cast(tf.convert_to_tensor(scale), tf.float32)
+
     def _unscale(self, grads):
         if not IS_KERAS3 and hasattr(self.optimizer, "get_unscaled_gradients"):
             return self.optimizer.get_unscaled_gradients(grads)
@@ -136,23 +145,33 @@ class DiffusionTrainer(keras.Model):
     def train_step(self, data):
         carry = self.carry_from_batch(data)
         if self.executor is not None:
-            loss, grads, _ = self.executor.gradients(carry, training=True)
+            loss, grads, stats = self.executor.gradients(carry, training=True,
+                                                         loss_scale=self._loss_scale())
+            self.objective.update_sampler(stats["t"], stats["loss"])
+            grads = self._unscale(grads)
         else:
             loss, grads = self._single_device_gradients(carry)
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas > 1:
+            # Clip by the norm of the *global* gradient: reduce first. The optimizer sums
+            # over replicas once more, so hand it 1/R of the reduced gradient.
+            ctx = tf.distribute.get_replica_context()
+            loss, *grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss] + list(grads))
         variables = self.unet.trainable_variables
         gnorm = tf.linalg.global_norm(grads)
         if self.train_cfg.grad_clip > 0:
             grads, _ = tf.clip_by_global_norm(grads, self.train_cfg.grad_clip, use_norm=gnorm)
+        if replicas > 1:
+            grads = [g / replicas for g in grads]
         step = self.optimizer.iterations
         lr = self.optimizer.learning_rate
         lr = lr(step) if callable(lr) else lr
         self.optimizer.apply_gradients(zip(grads, variables))
         self.ema.update(variables, step)
-        self.loss_tracker.update_state(loss * self.distribute_strategy.num_replicas_in_sync)
+        self.loss_tracker.update_state(loss)
         self.gnorm_tracker.update_state(gnorm)
         self.lr_tracker.update_state(lr)
         return {m.name: m.result() for m in self.metrics}
-
 
 def build_optimizer_state(trainer: DiffusionTrainer) -> None:
     """Create the optimizer's slot variables now, so a checkpoint can restore them."""

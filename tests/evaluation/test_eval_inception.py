@@ -27,7 +27,8 @@ def build_tiny_graph(path):
         x = tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "VALID") + 0.1)
         pool3 = tf.nn.avg_pool2d(x, 13, 13, "VALID", name="pool_3")
         flat = tf.reshape(pool3, [1, 2048], name="pool_3/_reshape")
-        w = tf.constant(rs.normal(size=(2048, NUM_CLASSES)).astype(np.float32), name="softmax/weights")
+        w = tf.constant(rs.normal(size=(2048, NUM_CLASSES)).astype(np.float32),
+                        name="softmax/weights")
         b = tf.constant(np.ones(NUM_CLASSES, np.float32), name="softmax/biases")
         logits = tf.add(tf.matmul(flat, w, name="softmax/logits/MatMul"), b, name="softmax/logits")
         tf.nn.softmax(logits, name="softmax")

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from ipu_diffusion.config import ConfigError, load_config
-from ipu_diffusion.pipeline.ipu_plan import (TILE_BYTES, IPUPlan, describe, ipu_plan, is_pow2,
+from ipu_diffusion.pipeline.ipu_plan import (TILE_BYTES, describe, ipu_plan, is_pow2,
                                              next_pow2, per_ipu)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,50 +69,84 @@ def test_ipu_plan_digits():
 
 
 def test_ipu_plan_digits_2stage():
-    cfg = load("digits_2stage.yaml")
-    _skip_unless_matches(cfg, "digits_2stage.yaml")
-    plan = ipu_plan(cfg)
-    _assert_hand_worked(plan, EXPECTED["digits_2stage.yaml"])
+    # stages 2, cuts [up1_res1], M 4, interleaved, no recompute, mapping [0, 1], R 1, B 64
+    plan = ipu_plan(load("digits_2stage.yaml"))
+    # IPUs 0..1: K = next_pow2(1 + 1) = 2 per replica, x 1 replica = 2
+    assert (plan.num_stages, plan.device_mapping, plan.pipelined) == (2, (0, 1), True)
+    assert (plan.ipus_per_replica, plan.total_ipus) == (2, 2)
+    # b = 64 / (4 x 1) = 16
+    assert (plan.global_batch, plan.microbatches, plan.micro_batch) == (64, 4, 16)
+    # k = 4 ceil(2 x 2 / 4) = 4: one update per execution
+    assert (plan.steps_per_execution, plan.updates_per_execution) == (4, 1)
+    assert (plan.schedule, plan.allow_recompute, plan.recomputation_mode) == ("Interleaved", False, "Auto")
+    assert (plan.half_precision, plan.partials_type, plan.loss_scale) == (False, "float", 1.0)
+    assert plan.notes == ()  # interleaved needs M >= S = 2: 4 is enough
 
 
 def test_ipu_plan_digits_4stage_grouped():
+    # stages 4, blocks_per_stage [10, 4, 2, 3], M 8, grouped, recompute, R 1, B 64
     cfg = load("digits_4stage_grouped.yaml")
-    _skip_unless_matches(cfg, "digits_4stage_grouped.yaml")
     plan = ipu_plan(cfg)
-    _assert_hand_worked(plan, EXPECTED["digits_4stage_grouped.yaml"])
+    # default mapping (0, 1, 2, 3): K = next_pow2(3 + 1) = 4 IPUs
+    assert (plan.num_stages, plan.device_mapping, plan.total_ipus) == (4, (0, 1, 2, 3), 4)
+    # b = 64 / (8 x 1) = 8
+    assert (plan.global_batch, plan.microbatches, plan.micro_batch) == (64, 8, 8)
+    # k = 8 ceil(2 x 4 / 8) = 8: one update per execution
+    assert (plan.steps_per_execution, plan.updates_per_execution) == (8, 1)
+    assert (plan.schedule, plan.allow_recompute, plan.recomputation_mode) == ("Grouped", True, "Auto")
+    assert plan.notes == ()  # M = 8 = 2 S fills the grouped pipeline
+    # with the partition: cumulative sums of [10, 4, 2, 3] over the 19 blocks
+    plan = ipu_plan(cfg, _partition(cfg))
+    assert plan.stage_ranges == ((0, 10), (10, 14), (14, 16), (16, 19))
 
 
 def test_ipu_plan_cifar10_ddpm_4ipu():
-    cfg = load("cifar10_ddpm_4ipu.yaml")
-    _skip_unless_matches(cfg, "cifar10_ddpm_4ipu.yaml")
-    plan = ipu_plan(cfg)
-    _assert_hand_worked(plan, EXPECTED["cifar10_ddpm_4ipu.yaml"])
+    # stages 4, cuts [up3_res1, up1_res1, up0_res0], M 16, grouped, recompute,
+    # mapping [0, 1, 2, 3], R 1, B 128, steps 800000, log_every 100
+    plan = ipu_plan(load("cifar10_ddpm_4ipu.yaml"))
+    assert (plan.ipus_per_replica, plan.replicas, plan.total_ipus) == (4, 1, 4)
+    # b = 128 / (16 x 1) = 8
+    assert (plan.global_batch, plan.microbatches, plan.micro_batch) == (128, 16, 8)
+    # k = 16 ceil(8 / 16) = 16: one update per execution
+    assert (plan.steps_per_execution, plan.updates_per_execution) == (16, 1)
+    assert (plan.schedule, plan.allow_recompute, plan.recomputation_mode) == ("Grouped", True, "Auto")
+    assert (plan.half_precision, plan.ipu_model, plan.memory_budget) == (False, False, MK2_BYTES)
+    assert plan.notes == ()
 
 
 def test_ipu_plan_cifar10_iddpm_8ipu():
-    cfg = load("cifar10_iddpm_8ipu.yaml")
-    _skip_unless_matches(cfg, "cifar10_iddpm_8ipu.yaml")
-    plan = ipu_plan(cfg)
-    _assert_hand_worked(plan, EXPECTED["cifar10_iddpm_8ipu.yaml"])
+    # stages 8 (7 cuts), M 16, grouped, recompute, default mapping, R 1, B 128,
+    # steps 500000, log_every 100, uniform timestep sampler
+    plan = ipu_plan(load("cifar10_iddpm_8ipu.yaml"))
+    # mapping 0..7: K = next_pow2(7 + 1) = 8
+    assert (plan.device_mapping, plan.ipus_per_replica, plan.total_ipus) == (tuple(range(8)), 8, 8)
+    # b = 128 / 16 = 8; k = 16 ceil(16 / 16) = 16: one update per execution
+    assert (plan.micro_batch, plan.steps_per_execution, plan.updates_per_execution) == (8, 16, 1)
+    assert (plan.schedule, plan.allow_recompute) == ("Grouped", True)
+    assert plan.notes == ()  # M = 16 = 2 S
 
 
-# Inputs read from each config, and the plan values derived from them by hand (comments).
-EXPECTED = {}
+def test_ipu_plan_cifar10_ddpm_4ipu_on_two_replicas():
+    # the config's note: 2 replicas on 8 IPUs keep micro-batch 8 with B 256 or M 8
+    plan = ipu_plan(load("cifar10_ddpm_4ipu.yaml", "ipu.replicas=2"))
+    assert (plan.total_ipus, plan.micro_batch) == (8, 4)  # b = 128 / (16 x 2) = 4
+    plan = ipu_plan(load("cifar10_ddpm_4ipu.yaml", "ipu.replicas=2", "training.batch_size=256"))
+    # 4 IPUs x 2 replicas = 8; b = 256 / (16 x 2) = 8
+    assert (plan.total_ipus, plan.micro_batch) == (8, 8)
+    plan = ipu_plan(load("cifar10_ddpm_4ipu.yaml", "ipu.replicas=2", "pipeline.microbatches=8"))
+    # b = 128 / (8 x 2) = 8; k = 8 ceil(8 / 8) = 8
+    assert (plan.total_ipus, plan.micro_batch, plan.steps_per_execution) == (8, 8, 8)
 
 
-def _skip_unless_matches(cfg, name):
-    want = EXPECTED.get(name)
-    if want is None:
-        pytest.fail(f"{name} exists now: work out its plan by hand and add it to EXPECTED")
-    got = {"stages": cfg.pipeline.stages, "M": cfg.pipeline.microbatches,
-           "R": cfg.ipu.replicas, "B": cfg.training.batch_size}
-    assert got == want["inputs"], (f"{name} changed ({got} != {want['inputs']}): "
-                                   "re-derive its expected plan by hand")
+def _partition(cfg):
+    """The partition from the block plan alone (models/plan.py: no Keras layers built)."""
+    from ipu_diffusion.models.plan import plan_unet
+    from ipu_diffusion.pipeline.partition import make_partition
+    from ipu_diffusion.training.objective import DiffusionObjective
 
-
-def _assert_hand_worked(plan: IPUPlan, want):
-    for key, value in want["plan"].items():
-        assert getattr(plan, key) == value, key
+    objective = DiffusionObjective(cfg.diffusion)
+    blocks = [p.spec for p in plan_unet(cfg.model)]
+    return make_partition(blocks, cfg.pipeline, objective.front_spec, objective.loss_spec)
 
 
 # --------------------------------------------------------------------------- invalid combos

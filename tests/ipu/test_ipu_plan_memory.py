@@ -2,9 +2,11 @@
 with the plain-TF executor on stages, microbatches and batch arithmetic."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import tensorflow as tf
-from conftest import small_config
+from ipu_testlib import ROOT, small_config
 
 from ipu_diffusion import rng
 from ipu_diffusion.config import ConfigError
@@ -70,8 +72,8 @@ def test_ipu_memory_over_budget_on_emulator_is_a_note(net):
     assert any("emulator runs anyway" in n for n in plan.notes)
 
 
-@pytest.mark.parametrize("overrides", [[], ["ipu.replicas=2"], ["pipeline.stages=2",
-                                                                "pipeline.microbatches=4"]])
+@pytest.mark.parametrize("overrides", [["ipu.replicas=2"],
+                                       ["pipeline.stages=2", "pipeline.microbatches=4"]])
 def test_ipu_plan_agrees_with_fallback_executor(net, overrides):
     from ipu_diffusion.pipeline.fallback import build_executor
 
@@ -89,3 +91,25 @@ def test_ipu_plan_agrees_with_fallback_executor(net, overrides):
     # the CPU executor has no replicas: its microbatch holds R IPU micro-batches
     assert [int(m["x0"].shape[0]) for m in micro] == [plan.micro_batch * plan.replicas] * len(micro)
     assert len(micro) == plan.microbatches
+
+
+@pytest.mark.parametrize("name, stages", [("cifar10_ddpm_4ipu.yaml", 4), ("cifar10_iddpm_8ipu.yaml", 8)])
+def test_ipu_shipped_cifar10_configs_fit_their_ipus(name, stages):
+    """The full-size U-Nets (35.7 M and 52.5 M parameters) cut as shipped: every IPU
+    within 897 MiB by memory.py (the config comments quote the same estimates)."""
+    from ipu_diffusion.config import load_config
+    from ipu_diffusion.models.unet import build_unet
+    from ipu_diffusion.training.objective import DiffusionObjective
+
+    cfg = load_config(os.path.join(ROOT, "pipeline_configs", name))
+    unet, objective = build_unet(cfg.model), DiffusionObjective(cfg.diffusion)
+    part = partition_unet(unet, cfg.pipeline, objective.front_spec, objective.loss_spec)
+    plan = ipu_plan(cfg, part, unet.block_info())
+    assert len(plan.ipu_bytes) == stages
+    assert max(plan.ipu_bytes) <= plan.memory_budget
+    # the same stages all on one IPU do not fit
+    one = load_config(os.path.join(ROOT, "pipeline_configs", name),
+                      [f"pipeline.device_mapping={[0] * stages}"])
+    part = partition_unet(unet, one.pipeline, objective.front_spec, objective.loss_spec)
+    with pytest.raises(ConfigError, match=r"IPU 0 \(stages 0, 1, 2"):
+        ipu_plan(one, part, unet.block_info())

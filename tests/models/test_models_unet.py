@@ -39,10 +39,16 @@ def _inputs(u, batch=3, seed=0):
     return carry
 
 
+_STAGES = {}  # (config, cuts) -> (ranges, stage models): built once, run in both modes
+
+
 def _run_stages(u, cuts, carry, training):
     ranges = stage_ranges(u.blocks, cuts)
+    cache_key = (u.config, tuple(cuts))
+    if cache_key not in _STAGES:
+        _STAGES[cache_key] = u.stage_models_for_ranges(ranges)
     carry = dict(carry)
-    for (start, stop), model in zip(ranges, u.stage_models_for_ranges(ranges)):
+    for (start, stop), model in zip(ranges, _STAGES[cache_key]):
         out = model({k: carry[k] for k in u.live_keys(start)}, training=training)
         assert set(out) == set(u.live_keys(stop)), "a stage outputs exactly the live keys"
         carry.update({k: v.numpy() for k, v in out.items()})
@@ -61,20 +67,20 @@ def test_block_layout(unet):
     assert unet.live_keys(len(unet.blocks)) == ("out",)
 
 
-CUTS = [
-    ["in_conv"],                            # right after embed: only emb (+ key, x_t) crosses
-    ["down1_res0", "up1_res1"],             # skips made in stage 0 consumed in stage 2
-    ["mid_attn", "up0_res0", "out"],
-    "each",                                  # one block per stage
-]
+CUTS = {
+    "embed": ["in_conv"],                    # right after embed: emb (+ key, x_t) crosses
+    "skips": ["down1_res0", "up1_res1"],     # skips made in stage 0 are consumed in stage 2
+    "late": ["mid_attn", "up0_res0", "out"],
+    "each": None,                            # one block per stage: every possible boundary
+}
+CASES = [("unet", name) for name in CUTS] + [("variant", "skips"), ("variant", "each")]
 
 
-@pytest.mark.parametrize("which", ["unet", "variant"])
-@pytest.mark.parametrize("cuts", CUTS, ids=["embed", "skips", "late", "each"])
+@pytest.mark.parametrize("which, cuts", CASES, ids=["-".join(c) for c in CASES])
 @pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
 def test_stages_equal_whole_model(request, which, cuts, training):
     u = request.getfixturevalue(which)
-    cuts = u.block_names[1:] if cuts == "each" else cuts
+    cuts = CUTS[cuts] or u.block_names[1:]
     carry = _inputs(u)
     whole = u.keras_model({k: carry[k] for k in u.input_keys}, training=training).numpy()
     staged = _run_stages(u, cuts, carry, training)

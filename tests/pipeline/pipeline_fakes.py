@@ -24,6 +24,7 @@ import tensorflow as tf
 from ipu_diffusion import rng
 from ipu_diffusion._keras import keras
 from ipu_diffusion.models.carry import BlockSpec, live_before
+from ipu_diffusion.models.plan import block_flops, output_shape, plan_unet
 
 T_STEPS = 100
 _INT = ("t", "key", "y")
@@ -218,3 +219,43 @@ def max_relative_error(got, want) -> float:
     glob = math.sqrt(sum(n * n for n in num)) / max(math.sqrt(sum(d * d for d in den)), 1e-30)
     per = max(n / d for n, d in zip(num, den) if d > 0)
     return max(glob, per)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def plan_info(cfg, params_per_block=1000):
+    """block_info-like dicts from the pure-Python plan (no Keras)."""
+    return [{"name": p.spec.name, "params": params_per_block, "flops": block_flops(cfg, p),
+             "output_shapes": {p.spec.outputs[0]: output_shape(p)}} for p in plan_unet(cfg)]
+
+
+def extra_shapes(cfg):
+    img = (cfg.image_size, cfg.image_size, cfg.in_channels)
+    return {"x0": img, "x_t": img, "noise": img, "t": (), "key": (), "weight": ()}
+
+
+# --------------------------------------------------------------------------- liveness
+
+
+def brute_force_crossing(chain, index, final_outputs):
+    """Keys that must cross a cut before chain[index], by direct search (independent of
+    carry.live_before): defined before the cut, and read at or after it before any
+    rewrite, or a final output that nothing after the cut rewrites."""
+    defined = set()
+    for j, b in enumerate(chain):  # batch keys: read by a block before any block writes them
+        defined |= {k for k in b.inputs if not any(k in a.outputs for a in chain[:j])}
+    for b in chain[:index]:
+        defined |= set(b.outputs)
+    crossing = set()
+    for key in defined:
+        for b in chain[index:]:
+            if key in b.inputs:
+                crossing.add(key)
+                break
+            if key in b.outputs:
+                break
+        else:
+            if key in final_outputs:
+                crossing.add(key)
+    return tuple(sorted(crossing))

@@ -12,8 +12,8 @@ from ipu_diffusion.config import ModelConfig, PipelineConfig
 from ipu_diffusion.pipeline.fallback import PipelineExecutor
 from ipu_diffusion.pipeline.memory import stash_depth
 from ipu_diffusion.pipeline.partition import make_partition
-from pipeline_fakes import (FRONT, FRONT_Y, LOSS, FakeUNet, make_batch, max_relative_error,
-                            reference_gradients, toy_front, toy_loss)
+from pipeline_fakes import (FRONT, FRONT_Y, LOSS, FakeUNet, brute_force_crossing, make_batch,
+                            max_relative_error, reference_gradients, toy_front, toy_loss)
 
 pytestmark = pytest.mark.keras2
 logging.getLogger("ipu_diffusion.pipeline.fallback").setLevel(logging.ERROR)  # placement: see devices test
@@ -53,8 +53,9 @@ def test_pipelined_gradient_equals_full_batch_gradient(fake, stages, micro, sche
     assert max_relative_error(grads, ref) <= TOL
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
     assert stats["loss"].shape == (8,)
-    # what crossed each boundary is exactly the partition's live set
-    assert ex.sent_keys == [part.sends(s) for s in range(stages - 1)]
+    # what crossed each boundary is exactly the live set (independent brute force)
+    assert ex.sent_keys == [brute_force_crossing(part.chain, part.chain_range(s)[0], ("loss",))
+                            for s in range(1, stages)]
     assert ex.in_flight == [stash_depth(schedule, stages, s, micro) for s in range(stages)]
 
 
@@ -120,3 +121,28 @@ def test_real_unet_invariant(real, stages, cuts, micro, schedule, recompute):
     assert max_relative_error(grads, ref) <= TOL
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
     assert len(grads) == len(unet.trainable_variables)
+
+
+def test_trainer_objective_through_build_executor():
+    """The trainer's objective (hybrid loss, learned variance: Nichol & Dhariwal 2021) via
+    build_executor, as training/run.py calls it; t comes back for loss-aware samplers."""
+    objective_mod = pytest.importorskip("ipu_diffusion.training.objective")
+    from ipu_diffusion.config import DiffusionConfig
+    from ipu_diffusion.models.unet import build_unet
+    from ipu_diffusion.pipeline.fallback import build_executor
+
+    model = ModelConfig(image_size=8, in_channels=2, ch=8, ch_mult=(1, 2), num_res_blocks=1,
+                        attn_resolutions=(), num_groups=4, dropout=0.1, learn_sigma=True)
+    diffusion = DiffusionConfig(schedule="cosine", timesteps=100, var_type="learned_range",
+                                loss_type="hybrid")
+    objective = objective_mod.DiffusionObjective(diffusion)
+    unet = build_unet(model, zero_init=False)
+    batch = make_batch(4)
+    ref_loss, ref = reference_gradients(unet, batch, objective.front, objective.loss)
+    pipeline = PipelineConfig(stages=2, cuts=("mid_res1",), microbatches=2,
+                              schedule="interleaved", recompute=True)
+    ex = build_executor(unet, objective, pipeline, global_batch=4, report_keys=("t",))
+    loss, grads, stats = ex.gradients(batch)
+    assert max_relative_error(grads, ref) <= TOL
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+    assert stats["t"].numpy().tolist() == objective.front(batch)["t"].numpy().tolist()

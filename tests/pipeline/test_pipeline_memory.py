@@ -9,8 +9,9 @@ from ipu_diffusion.pipeline.memory import (MemorySpec, estimate_partition, memor
                                            stash_depth)
 from ipu_diffusion.pipeline.partition import make_partition
 from ipu_diffusion.pipeline.schedule import Task, max_in_flight, schedule_tasks
-from pipeline_fakes import FRONT, LOSS
-from test_pipeline_partition import CIFAR, extra_shapes, plan_info
+from pipeline_fakes import FRONT, LOSS, extra_shapes, plan_info
+
+CIFAR = ModelConfig()  # the DDPM CIFAR-10 U-Net
 
 SCHEDULES = ("grouped", "interleaved", "sequential")
 

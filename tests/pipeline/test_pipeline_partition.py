@@ -8,35 +8,14 @@ import pytest
 
 from ipu_diffusion.config import ConfigError, ModelConfig, PipelineConfig, config_from_dict
 from ipu_diffusion.models.carry import BlockSpec
-from ipu_diffusion.models.plan import block_flops, output_shape, plan_unet
-from ipu_diffusion.pipeline.partition import (balance, external_inputs, make_partition,
-                                              summary_table)
-from pipeline_fakes import FRONT, FRONT_Y, LOSS, fake_blocks
+from ipu_diffusion.models.plan import block_flops, plan_unet
+from ipu_diffusion.pipeline.partition import balance, make_partition, summary_table
+from pipeline_fakes import (FRONT, FRONT_Y, LOSS, brute_force_crossing, extra_shapes,
+                            fake_blocks, plan_info)
 
 CIFAR = ModelConfig()  # the DDPM CIFAR-10 U-Net (Ho et al. 2020)
 SMALL = ModelConfig(image_size=8, in_channels=2, ch=8, ch_mult=(1, 2), num_res_blocks=1,
                     attn_resolutions=(4,), num_groups=4)
-
-
-def brute_force_crossing(chain, index, final_outputs):
-    """Keys that must cross a cut before chain[index], by direct search (independent of
-    carry.live_before): defined before the cut, and read at or after it before any
-    rewrite, or a final output that nothing after the cut rewrites."""
-    defined = set(external_inputs(chain))
-    for b in chain[:index]:
-        defined |= set(b.outputs)
-    crossing = set()
-    for key in defined:
-        for b in chain[index:]:
-            if key in b.inputs:
-                crossing.add(key)
-                break
-            if key in b.outputs:
-                break
-        else:
-            if key in final_outputs:
-                crossing.add(key)
-    return tuple(sorted(crossing))
 
 
 def _all_cut_sets(names, stages, limit=60):
@@ -167,17 +146,6 @@ def test_final_output_must_be_produced():
 
 
 # --------------------------------------------------------------------------- summary
-
-
-def plan_info(cfg, params_per_block=1000):
-    """block_info-like dicts from the pure-Python plan (no Keras)."""
-    return [{"name": p.spec.name, "params": params_per_block, "flops": block_flops(cfg, p),
-             "output_shapes": {p.spec.outputs[0]: output_shape(p)}} for p in plan_unet(cfg)]
-
-
-def extra_shapes(cfg):
-    img = (cfg.image_size, cfg.image_size, cfg.in_channels)
-    return {"x0": img, "x_t": img, "noise": img, "t": (), "key": ()}
 
 
 def test_summary_table_lists_every_stage():

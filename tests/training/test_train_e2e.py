@@ -66,7 +66,27 @@ def test_mirrored_two_replicas_equal_one_device(tmp_path):
     two = train(_cfg("training.steps=2", "training.strategy=mirrored", "training.num_replicas=2"),
                 str(tmp_path / "two"), verbose=0)
     assert one["steps"] == two["steps"] == 2
+    # Loss and global gradient norm are scale-sensitive (Adam's update is not): they
+    # catch a gradient summed or averaged the wrong way across replicas.
+    np.testing.assert_allclose(two["final_loss"], one["final_loss"], rtol=1e-5)
+    np.testing.assert_allclose(two["final_grad_norm"], one["final_grad_norm"], rtol=1e-5)
     a = _state(str(tmp_path / "one"), _cfg())[0]
     b = _state(str(tmp_path / "two"), _cfg())[0]
     for x, y in zip(a, b):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        # Adam divides by sqrt(v) + eps: summation-order noise in near-zero gradients of
+        # zero-initialised layers moves weights by up to ~lr * 1e-1, hence atol 1e-4.
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_pipelined_training_equals_unsplit(tmp_path):
+    """Two stages on two logical CPUs, 2 microbatches, recompute: same loss, gradient
+    norm and weights as the one-device run (per-example randomness makes it exact)."""
+    one = train(_cfg("training.steps=2"), str(tmp_path / "one"), verbose=0)
+    two = train(_cfg("training.steps=2", "pipeline.stages=2", "pipeline.microbatches=2",
+                     "pipeline.recompute=true"), str(tmp_path / "two"), verbose=0)
+    np.testing.assert_allclose(two["final_loss"], one["final_loss"], rtol=1e-5)
+    np.testing.assert_allclose(two["final_grad_norm"], one["final_grad_norm"], rtol=1e-5)
+    a = _state(str(tmp_path / "one"), _cfg())[0]
+    b = _state(str(tmp_path / "two"), _cfg())[0]
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)  # Adam: see the mirrored test

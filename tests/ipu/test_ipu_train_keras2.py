@@ -1,0 +1,60 @@
+"""ipu.train end to end on CPU under Keras 2 (the SDK's Keras is 2.6), with stand-ins
+for the three SDK objects a one-stage run touches: the IPU strategy (the default one),
+ipu_tensorflow_addons' GroupNormalization (Keras' own) and the IPU system configuration.
+Runs in ``make test-keras2`` (TF_USE_LEGACY_KERAS=1); skipped under Keras 3, whose
+optimizers have no OptimizerV2 slots."""
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import tensorflow as tf
+from ipu_testlib import DIGITS
+
+from ipu_diffusion._keras import IS_KERAS3, keras
+from ipu_diffusion.config import load_config
+from ipu_diffusion.models import layers
+from ipu_diffusion.pipeline import ipu
+
+pytestmark = [pytest.mark.keras2,
+              pytest.mark.skipif(IS_KERAS3, reason="needs Keras 2 OptimizerV2 (run with "
+                                 "TF_USE_LEGACY_KERAS=1, as make test-keras2 does)")]
+
+# one stage, M = 1: k = 1 x ceil(2 / 1) = 2 micro-batch steps = 2 updates per execution
+SHORT = ["model.ch=8", "training.batch_size=16", "training.log_every=2",
+         "training.checkpoint_every=2", "training.warmup_steps=2"]
+
+
+def _group_norm(**kwargs):
+    assert kwargs.pop("strided_channel_grouping") is False
+    return keras.layers.GroupNormalization(**kwargs)
+
+
+@pytest.fixture()
+def stand_ins(monkeypatch):
+    make = ipu.ema_optimizer_class
+    monkeypatch.setattr(ipu, "require_sdk", lambda *args: None)
+    monkeypatch.setattr(ipu, "sdk", lambda: SimpleNamespace(GroupNormalization=_group_norm,
+                                                            popdist=None, reduction_mean="mean"))
+    monkeypatch.setattr(ipu, "configure", lambda plan, seed=None: tf.distribute.get_strategy())
+    monkeypatch.setattr(ipu, "ema_optimizer_class",
+                        lambda base: make(keras.optimizers.legacy.Adam))
+    yield
+    layers.set_group_norm_factory(None)
+
+
+def test_ipu_train_writes_run_and_resumes(stand_ins, tmp_path):
+    workdir = str(tmp_path / "run")
+    first = ipu.train(load_config(DIGITS, SHORT + ["training.steps=4"]), workdir, verbose=0)
+    assert (first["steps"], first["resumed_from"], first["backend"]) == (4, 0, "ipu")
+    assert first["final_loss"] is not None and first["final_loss"] > 0
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        assert json.load(f)["steps"] == 4
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    names = [n for n, _ in tf.train.list_variables(latest)]
+    assert "ema/shadow/0/.ATTRIBUTES/VARIABLE_VALUE" in names  # the CPU trainer's layout
+    second = ipu.train(load_config(DIGITS, SHORT + ["training.steps=6"]), workdir, resume=True,
+                       verbose=0)
+    assert (second["steps"], second["resumed_from"]) == (6, 4)
