@@ -6,9 +6,10 @@ status 2; they never show a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from ipu_diffusion.config import ConfigError, RunConfig, load_config
 
@@ -39,6 +40,26 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--out", help="output prefix (default: <workdir>/sample_<sampler><steps>)")
+
+    e = sub.add_parser("eval", help="sample with the EMA weights and compute FID/KID/IS/"
+                       "precision/recall (and bits/dim) into <workdir>/metrics.json")
+    e.add_argument("--workdir", required=True, help="run directory written by train")
+    e.add_argument("--num-samples", type=int, default=None,
+                   help="generated images to score (default: eval.num_samples)")
+    e.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
+                   help="default: eval.sampler")
+    e.add_argument("--steps", type=int, default=None, help="default: eval.steps")
+    e.add_argument("--eta", type=float, default=None, help="DDIM eta (default: eval.eta)")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
+    e.add_argument("--bpd", type=int, default=0, metavar="N",
+                   help="also compute bits/dim on N held-out images (all timesteps)")
+    e.add_argument("--inception", default=None,
+                   help="FID Inception graph (.pb) for non-digits data; or set "
+                   "$IPU_DIFFUSION_INCEPTION")
+
+    i = sub.add_parser("train-ipu", help="train on Graphcore IPUs (needs the Poplar SDK)")
+    for action in t._actions[1:]:  # the same flags as train
+        i._add_action(action)
     return p
 
 
@@ -78,14 +99,10 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     import numpy as np
 
-    from ipu_diffusion.training.run import CONFIG_FILE, build_run, restore_latest
     from ipu_diffusion.training.generate import sample_images
     from ipu_diffusion.visualize import save_image_grid
 
-    cfg = load_config(os.path.join(args.workdir, CONFIG_FILE))
-    configure_devices(cfg)
-    run = build_run(cfg, args.workdir)
-    step = restore_latest(run, required=True)
+    run, step = _restore(args.workdir)
     images = sample_images(run, args.num, args.seed, sampler=args.sampler, steps=args.steps,
                            eta=args.eta, progress=True)
     prefix = args.out or os.path.join(args.workdir, f"sample_{args.sampler}{args.steps}")
@@ -95,12 +112,50 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _restore(workdir: str, overrides: Sequence[str] = ()):
+    from ipu_diffusion.training.run import CONFIG_FILE, build_run, restore_latest
+
+    cfg = load_config(os.path.join(workdir, CONFIG_FILE), overrides)
+    configure_devices(cfg)
+    run = build_run(cfg, workdir)
+    return run, restore_latest(run, required=True)
+
+
+def cmd_eval(args) -> int:
+    overrides = [f"eval.inception_path={args.inception}"] if args.inception else []
+    run, _ = _restore(args.workdir, overrides)
+    from ipu_diffusion.evaluation.run_eval import evaluate_run
+
+    e = run.cfg.eval
+    result = evaluate_run(run, args.num_samples or e.num_samples, args.sampler or e.sampler,
+                          args.steps or e.steps, e.eta if args.eta is None else args.eta,
+                          seed=args.seed, bpd_images=args.bpd)
+    shown = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+def cmd_train_ipu(args) -> int:
+    from ipu_diffusion.pipeline import ipu
+
+    try:
+        ipu.require_sdk(args.config)
+    except ipu.SDKMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    cfg = _load_for_train(args)
+    metrics = ipu.train(cfg, args.workdir or cfg.workdir, resume=args.resume)
+    print(f"done: {metrics['steps']} steps on IPU")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from ipu_diffusion.data import DataError
     from ipu_diffusion.training.run import RunError
 
-    handlers = {"train": cmd_train, "sample": cmd_sample}
+    handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
+                "train-ipu": cmd_train_ipu}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, RunError) as e:

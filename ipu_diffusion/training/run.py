@@ -1,14 +1,11 @@
 """One training run: workdir, strategy, model, checkpoint/resume, ``fit``, samples, metrics."""
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-import numpy as np
 import tensorflow as tf
 
 from ipu_diffusion._keras import keras
@@ -151,6 +148,7 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
           verbose: int = 1) -> Dict[str, Any]:
     """Train to ``cfg.training.steps``; returns (and writes) ``metrics.json``'s content."""
     from ipu_diffusion.data import make_dataset
+    from ipu_diffusion.evaluation.run_eval import evaluate_run, merge_metrics
     from ipu_diffusion.training.generate import sample_images
     from ipu_diffusion.visualize import save_image_grid
 
@@ -180,7 +178,11 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
         "final_loss": history.get("loss"), "final_grad_norm": history.get("grad_norm"),
         "samples": os.path.join(workdir, "samples.png"),
     }
-    write_json(os.path.join(workdir, "metrics.json"), metrics)
+    merge_metrics(workdir, metrics)
+    if cfg.eval.at_end and cfg.eval.num_samples:
+        e = cfg.eval
+        metrics["eval"] = evaluate_run(run, e.num_samples, e.sampler, e.steps, e.eta,
+                                       seed=cfg.run.seed, verbose=bool(verbose))
     return metrics
 
 
@@ -208,10 +210,3 @@ def _fit_in_chunks(run: Run, stream_from, start: int, total: int, chunk: int, ca
                             callbacks=callbacks, verbose=verbose)
         logs = {k: float(v[-1]) for k, v in h.history.items()}
     return logs
-
-
-def write_json(path: str, data: Dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
-    os.replace(tmp, path)
