@@ -42,5 +42,5 @@ sample: $(STAMP)
 
 # The same trainer on Graphcore IPUs (needs the Poplar SDK); IPU_MODEL=1 uses the emulator.
 train-ipu: $(STAMP)
-	$(PYTHON) -m ipu_diffusion train-ipu --config $(CONFIG) --workdir $(WORKDIR) $(RESUME_FLAG) \
+	$(if $(IPU_MODEL),TF_POPLAR_FLAGS="$$TF_POPLAR_FLAGS --use_ipu_model",) $(PYTHON) -m ipu_diffusion train-ipu --config $(CONFIG) --workdir $(WORKDIR) $(RESUME_FLAG) \
 		$(if $(IPU_MODEL),--set ipu.ipu_model=true,)

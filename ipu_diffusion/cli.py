@@ -152,7 +152,7 @@ def cmd_train_ipu(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from ipu_diffusion.data import DataError
-    from ipu_diffusion.training.run import RunError
+    from ipu_diffusion.training.run import Interrupted, RunError
 
     handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
                 "train-ipu": cmd_train_ipu}
@@ -161,6 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

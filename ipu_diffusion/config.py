@@ -128,6 +128,7 @@ class TrainingConfig:
     sample_every: int = 0  # 0 = only at the end
     num_sample_images: int = 64
     deterministic: bool = False  # tf.config.experimental.enable_op_determinism
+    max_nonfinite_steps: int = 10  # stop after this many consecutive non-finite steps
     class_dropout: float = 0.1  # label -> null probability (classifier-free guidance)
 
 
@@ -350,6 +351,7 @@ def validate(cfg: RunConfig) -> None:
         ("training.log_every", t.log_every), ("training.checkpoint_every", t.checkpoint_every),
         ("training.keep_checkpoints", t.keep_checkpoints),
         ("training.steps_per_execution", t.steps_per_execution),
+        ("training.max_nonfinite_steps", t.max_nonfinite_steps),
         ("eval.steps", cfg.eval.steps), ("eval.batch_size", cfg.eval.batch_size),
         ("ipu.replicas", cfg.ipu.replicas),
     ]:

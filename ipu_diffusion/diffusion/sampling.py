@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from ipu_diffusion.diffusion.compiled import compiled
 from ipu_diffusion.diffusion.gaussian import GaussianDiffusion, gather_coef
+from ipu_diffusion.diffusion.guidance import cfg_denoise_fn  # noqa: F401 (moved to guidance.py)
 from ipu_diffusion.diffusion.respace import SPACINGS, respace, space_timesteps
 
 SAMPLERS: Tuple[str, ...] = ("ddpm", "ddim")
@@ -271,36 +272,6 @@ def slerp(z0: tf.Tensor, z1: tf.Tensor, alpha) -> tf.Tensor:
     w0 = tf.where(safe, tf.sin((1.0 - a32) * omega) / sin, 1.0 - a32)
     w1 = tf.where(safe, tf.sin(a32 * omega) / sin, a32)
     return tf.cast(w0 * f0 + w1 * f1, z0.dtype)
-
-
-def cfg_denoise_fn(model_fn: Callable, y: tf.Tensor, null_label: int, scale: float,
-                   split_variance: bool = False) -> Callable:
-    """Classifier-free guidance (Ho & Salimans 2022) as a ``denoise_fn`` for any sampler.
-
-    ``model_fn(x, t, y)`` is a class-conditional network; ``y`` int ``[B]`` the labels;
-    ``null_label`` the "no label" class. Conditional and unconditional outputs come from
-    ONE forward pass over the concatenated batch ``[2B, ...]``, then
-    out = out(x, null) + scale (out(x, y) - out(x, null)): scale 1 is plain conditional,
-    0 unconditional (Ho & Salimans' w is scale - 1). Guiding eps, x0 or v is the same,
-    since each is affine in the others given x_t. With ``split_variance`` (learned_range
-    outputs ``[B, ..., 2C]``) only the first C channels are guided and the variance
-    channels come from the conditional pass. Keep the returned function and reuse it:
-    compiled samplers are cached by its identity.
-    """
-    y = tf.convert_to_tensor(y)
-
-    def denoise_fn(x: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
-        batch = tf.shape(x)[0]
-        labels = tf.concat([y, tf.fill([batch], tf.cast(null_label, y.dtype))], axis=0)
-        out = model_fn(tf.concat([x, x], 0), tf.concat([t, t], 0), labels)
-        cond, uncond = out[:batch], out[batch:]
-        if not split_variance:
-            return uncond + scale * (cond - uncond)
-        cond_mean, cond_var = tf.split(cond, 2, axis=-1)
-        uncond_mean = tf.split(uncond, 2, axis=-1)[0]
-        return tf.concat([uncond_mean + scale * (cond_mean - uncond_mean), cond_var], axis=-1)
-
-    return denoise_fn
 
 
 def sample(diffusion: GaussianDiffusion, denoise_fn: Callable, shape: Optional[Sequence[int]],

@@ -122,7 +122,7 @@ class UNet:
         carry[p.spec.outputs[0]] = out
 
     def _functional(self, start: int, stop: int, name: str, whole: bool = False):
-        shapes = self.boundary_shapes(start)
+        shapes = shapes_before(self.config, self.plans, start)
         inputs = {k: keras.Input(shape=shapes[k], dtype=self.carry_dtype(k), name=k)
                   for k in (self.input_keys if whole else self._live[start])}
         carry = dict(inputs)

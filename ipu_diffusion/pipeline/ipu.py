@@ -151,9 +151,8 @@ def apply_ipu_config(plan: IPUPlan, config: Any, sdk_ns: Any, distributed: bool 
 
 
 def configure(plan: IPUPlan, seed: Optional[int] = None):
-    """Configure the IPU system for ``plan`` and return the strategy to build under:
-    ``PopDistStrategy`` under ``poprun`` (``popdist.tensorflow.set_ipu_config``), else
-    ``IPUStrategy``."""
+    """Configure the IPU system; return ``PopDistStrategy`` under ``poprun``
+    (``popdist.tensorflow.set_ipu_config``), else ``IPUStrategy``."""
     ns = sdk()
     if plan.ipu_model:
         os.environ["TF_POPLAR_FLAGS"] = emulator_flags(os.environ.get("TF_POPLAR_FLAGS", ""), plan)
@@ -180,7 +179,6 @@ def ipu_group_norm_factory(group_norm_cls: Callable) -> Callable:
     """For ``layers.set_group_norm_factory``: ipu_tensorflow_addons' GroupNormalization with
     conventional (non-strided) channel groups, gamma ones and beta zeros (its defaults
     are None initialisers, which Keras turns into Glorot)."""
-
     return lambda groups, name, epsilon: group_norm_cls(
         groups=groups, epsilon=epsilon, strided_channel_grouping=False,
         gamma_initializer="ones", beta_initializer="zeros", name=name)
@@ -269,15 +267,16 @@ def pipelining_options(plan: IPUPlan, sdk_ns: Any) -> Dict[str, Any]:
 def build_pipelined_model(unet, objective, partition, plan: IPUPlan, sdk_ns: Any = None):
     """The composed model with stages assigned and pipelining (or, for one stage,
     gradient accumulation) options set. Call under the IPU strategy's scope."""
-    model, stages, front, loss = compose_training_model(unet, objective, partition)
+    model, stages, _, loss = compose_training_model(unet, objective, partition)
     if not plan.pipelined:
         if plan.microbatches > 1:
             model.set_gradient_accumulation_options(
                 gradient_accumulation_steps_per_replica=plan.microbatches,
                 gradient_accumulation_reduction_method=(sdk_ns or sdk()).reduction_mean)
         return model
-    stage_of = {id(m): s for s, m in enumerate(stages)}
-    stage_of.update({id(front): 0, id(loss): plan.num_stages - 1})
+    stage_of = {id(layer): 0 for layer in model.layers}  # inputs (if listed) and front
+    stage_of.update({id(m): s for s, m in enumerate(stages)})
+    stage_of[id(loss)] = plan.num_stages - 1
     model.set_pipeline_stage_assignment(
         assign_stages(model.get_pipeline_stage_assignment(), stage_of))
     model.set_pipelining_options(**pipelining_options(plan, sdk_ns or sdk()))
@@ -344,11 +343,8 @@ def ema_optimizer_class(base: type) -> type:
                 return tf.group(update, ema.assign(new))
 
         def _resource_apply_dense(self, grad, var, apply_state=None):
+            # every gradient is dense here: the first transformer densifies IndexedSlices
             return self._ema_update(var, super()._resource_apply_dense(grad, var, apply_state))
-
-        def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
-            update = super()._resource_apply_sparse(grad, var, indices, apply_state)
-            return self._ema_update(var, update)
 
         def get_config(self):
             return dict(super().get_config(), ema_decay=self.ema_decay)
@@ -466,6 +462,7 @@ def train(run_config: RunConfig, workdir: Optional[str] = None, resume: bool = F
     layout as :func:`ipu_diffusion.training.run.train`. Returns (and writes) metrics.json.
     Sample grids are not made during IPU training (see the README's IPU section)."""
     from ipu_diffusion.data import make_dataset
+    from ipu_diffusion.evaluation.run_eval import merge_metrics
     from ipu_diffusion.training import callbacks as cb
     from ipu_diffusion.training import run as run_lib
 
@@ -497,5 +494,5 @@ def train(run_config: RunConfig, workdir: Optional[str] = None, resume: bool = F
                "resumed_from": start, "wall_time_s": round(time.time() - began, 2),
                "img_per_s": round(throughput.img_per_s, 2), "final_loss": logs.get("loss"),
                "samples": None}
-    run_lib.write_json(os.path.join(workdir, "metrics.json"), metrics)
+    merge_metrics(workdir, metrics)
     return metrics

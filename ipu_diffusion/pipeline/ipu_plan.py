@@ -149,17 +149,18 @@ def _check_ipu_count(cfg: RunConfig, mapping: Tuple[int, ...], system_ipus: int)
     if per_replica < 1:
         raise ConfigError(f"ipu.replicas: {r} replicas need at least {r} IPUs but the system has "
                           f"{system_ipus}")
-    if max(mapping) >= per_replica:
+    need = next_pow2(max(mapping) + 1)
+    if need > per_replica:
         if not p.device_mapping:
             raise ConfigError(
-                f"pipeline.stages: {p.stages} stages need {p.stages} IPUs per replica, but "
+                f"pipeline.stages: {p.stages} stages need {need} IPUs per replica, but "
                 f"ipu.replicas {r} on a {system_ipus}-IPU system leaves {per_replica} per replica; "
                 "set pipeline.device_mapping to put several stages on one IPU, or lower ipu.replicas")
         raise ConfigError(
-            f"pipeline.device_mapping: {list(mapping)} uses IPU {max(mapping)}, beyond the "
-            f"{per_replica} IPU(s) per replica (0..{per_replica - 1}) that ipu.replicas {r} leaves "
-            f"on a {system_ipus}-IPU system")
-    return next_pow2(max(mapping) + 1)
+            f"pipeline.device_mapping: {list(mapping)} uses IPUs 0..{max(mapping)}, so {need} IPUs "
+            f"per replica, beyond the {per_replica} that ipu.replicas {r} leaves on a "
+            f"{system_ipus}-IPU system")
+    return need
 
 
 def _micro_batch(cfg: RunConfig) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Callable, Optional
 
@@ -44,8 +45,10 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.last_saved = -1
 
     def save(self) -> Optional[str]:
+        """Save unless this step is already saved or a non-finite streak is under way (the
+        newest checkpoint then stays the last good state)."""
         step = _step(self.model)
-        if step == self.last_saved:
+        if step == self.last_saved or int(self.model.guard.consecutive.numpy()) > 0:
             return None
         self.last_saved = step
         return self.manager.save(checkpoint_number=step)
@@ -55,31 +58,29 @@ class CheckpointCallback(keras.callbacks.Callback):
             self.save()
 
     def on_train_end(self, logs=None):
-        self.save()
+        if getattr(self.model, "abort_reason", None) is None:
+            self.save()
 
 
 class ThroughputCallback(keras.callbacks.Callback):
-    """Adds ``img_per_s`` (host wall clock, per logged batch) to the logs."""
+    """Adds ``img_per_s`` to the logs: host wall clock from the end of each epoch's first
+    batch (which may include tracing) to the current batch."""
 
     def __init__(self, global_batch: int):
         super().__init__()
         self.global_batch = global_batch
-        self._t0 = None
-        self._step0 = 0
+        self._start = None
         self.img_per_s = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._t0 = time.perf_counter()
-        self._step0 = _step(self.model)
+        self._start = None
 
     def on_train_batch_end(self, batch, logs=None):
-        steps = _step(self.model) - self._step0
-        elapsed = time.perf_counter() - self._t0
-        if steps > 1 and elapsed > 0:
-            # The first step of an epoch may include tracing; it is excluded after step 1.
-            self.img_per_s = steps * self.global_batch / elapsed
-        if steps == 1:
-            self._t0, self._step0 = time.perf_counter(), _step(self.model)
+        now, step = time.perf_counter(), _step(self.model)
+        if self._start is None:
+            self._start = (now, step)
+        elif now > self._start[0]:
+            self.img_per_s = (step - self._start[1]) * self.global_batch / (now - self._start[0])
         if logs is not None:
             logs["img_per_s"] = self.img_per_s
 
@@ -148,3 +149,45 @@ class SampleGridCallback(keras.callbacks.Callback):
         step = _step(self.model)
         if step >= self.final_step and step != self.last:
             self.write()
+
+
+class StopGuard(keras.callbacks.Callback):
+    """Stops ``fit`` cleanly on SIGTERM/SIGINT (the checkpoint callback then saves) or
+    after ``max_nonfinite`` consecutive skipped steps (no save: the newest checkpoint is
+    the last good one). ``signal_received`` / ``model.abort_reason`` say which."""
+
+    def __init__(self, max_nonfinite: int):
+        super().__init__()
+        self.max_nonfinite = int(max_nonfinite)
+        self.signal_received = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        self.signal_received = signum
+
+    def on_train_begin(self, logs=None):
+        self.model.abort_reason = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def on_train_end(self, logs=None):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    @property
+    def stopped(self) -> bool:
+        return self.signal_received is not None or self.model.abort_reason is not None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.signal_received is not None:
+            self.model.stop_training = True
+        bad = int(self.model.guard.consecutive.numpy())
+        if bad >= self.max_nonfinite:
+            self.model.abort_reason = (
+                f"{bad} consecutive steps up to step {_step(self.model)} had a non-finite loss "
+                f"or gradient norm (training.max_nonfinite_steps = {self.max_nonfinite})")
+            self.model.stop_training = True

@@ -7,7 +7,9 @@ import numpy as np
 import tensorflow as tf
 
 from ipu_diffusion._keras import keras
+from ipu_diffusion.diffusion import guidance as guidance_lib
 from ipu_diffusion.diffusion import sampling
+from ipu_diffusion.diffusion.guidance import GuidanceError
 
 
 def ema_unet(run):
@@ -36,21 +38,107 @@ def denoise_fn_for(unet, labels: Optional[tf.Tensor] = None) -> Callable:
     return denoise
 
 
+def conditional_fn_for(unet) -> Callable:
+    """``(x_t [B,H,W,C], t int32 [B], y int32 [B]) -> model output`` of a class-conditional
+    ``unet`` in inference mode (``y = model.num_classes`` is the null label)."""
+    if "y" not in unet.input_keys:
+        raise GuidanceError("this model is unconditional (model.num_classes = 0): it takes no "
+                            "labels; use --guidance classifier with --classifier DIR")
+
+    def model_fn(x_t, t, y):
+        inputs = {"x_t": x_t, "t": t, "key": tf.zeros_like(t), "y": tf.cast(y, tf.int32)}
+        return tf.cast(unet.keras_model(inputs, training=False), tf.float32)
+
+    return model_fn
+
+
+def _unconditional_fn(run) -> Callable:
+    """The EMA model without labels: the null label of a conditional model."""
+    unet, denoise = ema_unet(run)
+    if "y" not in unet.input_keys:
+        return denoise
+    if getattr(run, "_null_denoise", None) is None:
+        model_fn, null = conditional_fn_for(unet), run.cfg.model.num_classes
+        run._null_denoise = lambda x, t: model_fn(x, t, tf.fill(tf.shape(t), null))
+    return run._null_denoise
+
+
+def ema_guide(run, guidance: str, classifier=None) -> guidance_lib.Guide:
+    """The (cached) :class:`~ipu_diffusion.diffusion.guidance.Guide` of the run's EMA
+    model: ``"none"`` on a conditional model = plain conditional sampling, ``"cfg"`` =
+    classifier-free guidance, ``"classifier"`` = guidance of the unconditional (null
+    label) model by ``classifier`` (a ``training.classifier.NoiseAwareClassifier``)."""
+    unet, _ = ema_unet(run)
+    key = (guidance, id(classifier))
+    guides = run.__dict__.setdefault("_guides", {})
+    if key not in guides:
+        if guidance == "classifier":
+            if classifier is None:
+                raise GuidanceError("--guidance classifier needs --classifier DIR (a directory "
+                                    "written by train-classifier)")
+            classifier.check_compatible(run.cfg)
+            guides[key] = guidance_lib.classifier_guide(_unconditional_fn(run),
+                                                        classifier.logits_fn)
+        elif guidance in ("none", "cfg"):
+            model_fn = conditional_fn_for(unet)
+            guides[key] = (guidance_lib.conditional_guide(model_fn) if guidance == "none" else
+                           guidance_lib.cfg_guide(model_fn, run.cfg.model.num_classes,
+                                                  split_variance=run.cfg.model.learn_sigma))
+        else:
+            raise GuidanceError(f"--guidance: {guidance!r} is not valid; choose one of "
+                                f"{', '.join(guidance_lib.GUIDANCE)}")
+    return guides[key]
+
+
+def _plan_guidance(run, num: int, labels, guidance: Optional[str], classifier):
+    """(guide or None, labels [num] or None) for :func:`sample_images`."""
+    conditional = "y" in ema_unet(run)[0].input_keys
+    guidance = guidance or "none"
+    if guidance == "none" and not conditional:
+        if labels is not None:
+            raise GuidanceError("labels were given but the model is unconditional; add "
+                                "--guidance classifier --classifier DIR")
+        return None, None
+    classes = classifier.num_classes if guidance == "classifier" and classifier is not None \
+        else run.cfg.model.num_classes
+    if labels is None:
+        labels = guidance_lib.cycle_labels(num, classes)
+    labels = np.asarray(labels, np.int32).reshape(-1)
+    if len(labels) != num or labels.min() < 0 or labels.max() >= classes:
+        raise GuidanceError(f"labels: need {num} labels in 0..{classes - 1}, got "
+                            f"{len(labels)} in [{labels.min()}, {labels.max()}]")
+    return ema_guide(run, guidance, classifier), labels
+
+
 def sample_images(run, num: int, seed: int, sampler: Optional[str] = None,
                   steps: Optional[int] = None, eta: Optional[float] = None,
-                  batch_size: Optional[int] = None, progress: bool = False) -> np.ndarray:
-    """``num`` images [N, H, W, C] in [-1, 1] from the EMA weights, in batches."""
+                  batch_size: Optional[int] = None, progress: bool = False,
+                  labels=None, guidance: Optional[str] = None, scale: float = 1.0,
+                  classifier=None) -> np.ndarray:
+    """``num`` images [N, H, W, C] in [-1, 1] from the EMA weights, in batches.
+
+    A class-conditional run samples ``labels`` (int ``[num]``; default 0..K-1 cycled)
+    conditionally; ``guidance`` ``"cfg"`` applies classifier-free guidance with scale
+    ``scale`` (1 = conditional, 0 = unconditional), ``"classifier"`` guides the
+    unconditional model with ``classifier`` and gradient scale ``scale`` (Dhariwal &
+    Nichol 2021). Unconditional runs without guidance sample as before.
+    """
     cfg = run.cfg
     sampler = sampler or cfg.eval.sampler
     steps = steps or cfg.eval.steps
     eta = cfg.eval.eta if eta is None else eta
     batch_size = min(batch_size or cfg.eval.batch_size, num)
-    _, denoise = ema_unet(run)
+    guide, labels = _plan_guidance(run, num, labels, guidance, classifier)
+    denoise = ema_unet(run)[1] if guide is None else guide.denoise_fn
+    extra = {"cond_fn": guide.cond_fn} if guide is not None and guide.cond_fn else {}
+    if sampler == "ddim":
+        extra["eta"] = eta
     shape = (batch_size, cfg.model.image_size, cfg.model.image_size, cfg.model.in_channels)
     bar = keras.utils.Progbar(num, unit_name="image") if progress else None
     out = []
     for i in range(0, num, batch_size):
-        extra = {"eta": eta} if sampler == "ddim" else {}
+        if guide is not None:  # a short last batch is padded with repeated labels
+            guide.set(np.resize(labels[i:i + batch_size], batch_size), scale)
         x = sampling.sample(run.objective.diffusion, denoise, shape, sampler=sampler, steps=steps,
                             seed=seed * 1_000_003 + i, **extra)
         out.append(np.asarray(x)[: num - i])

@@ -22,6 +22,14 @@ class RunError(RuntimeError):
     """A problem with the run directory or the run as a whole; says what to do."""
 
 
+class Interrupted(RuntimeError):
+    """Training stopped on a signal after saving a checkpoint; ``signum`` says which."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 @dataclass
 class Run:
     """Everything a built run holds; ``train`` fits it, ``sample``/``eval`` restore it."""
@@ -82,7 +90,8 @@ def build_run(cfg: RunConfig, workdir: str) -> Run:
                         steps_per_execution=cfg.training.steps_per_execution,
                         jit_compile=cfg.training.jit_compile)
         build_optimizer_state(trainer)
-    objects = {"unet": unet.keras_model, "optimizer": trainer.optimizer, "ema": trainer.ema}
+    objects = {"unet": unet.keras_model, "optimizer": trainer.optimizer, "ema": trainer.ema,
+               "guard": trainer.guard}
     sampler_state = getattr(objective.sampler, "checkpoint_objects", None)
     if sampler_state:
         objects["timestep_sampler"] = sampler_state
@@ -168,14 +177,26 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
         workdir, t.sample_every,
         lambda step: sample_images(run, t.num_sample_images, seed=cfg.run.seed),
         save_image_grid, t.steps, tb)
-    callbacks = [throughput, tb, ckpt, grid]
+    guard = cb.StopGuard(t.max_nonfinite_steps)
+    callbacks = [throughput, tb, ckpt, grid, guard]
     began = time.time()
-    history = _fit_in_chunks(run, stream_from, start, t.steps, t.log_every, callbacks, verbose)
+    history = _fit_in_chunks(run, stream_from, start, t.steps, t.log_every, callbacks, verbose,
+                             lambda: guard.stopped)
     wall = time.time() - began
+    if run.trainer.abort_reason is not None:
+        raise RunError(f"training stopped: {run.trainer.abort_reason}; the newest checkpoint "
+                       f"({run.manager.latest_checkpoint}) is the last good state. Lower "
+                       "training.lr or check the data, then resume with --resume")
+    if guard.signal_received is not None:
+        raise Interrupted(f"stopped by signal {guard.signal_received} at step {run.step}; "
+                          f"checkpoint saved in {os.path.join(workdir, CHECKPOINT_DIR)}. Resume: "
+                          f"python -m ipu_diffusion train --workdir {workdir} --resume",
+                          guard.signal_received)
     metrics = {
         "steps": run.step, "resumed_from": start, "wall_time_s": round(wall, 2),
         "img_per_s": round(throughput.img_per_s, 2),
         "final_loss": history.get("loss"), "final_grad_norm": history.get("grad_norm"),
+        "skipped_nonfinite_steps": int(run.trainer.guard.total.numpy()),
         "samples": os.path.join(workdir, "samples.png"),
     }
     merge_metrics(workdir, metrics)
@@ -187,7 +208,7 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
 
 
 def _fit_in_chunks(run: Run, stream_from, start: int, total: int, chunk: int, callbacks,
-                   verbose: int) -> Dict[str, float]:
+                   verbose: int, stopped) -> Dict[str, float]:
     """``fit`` with one Keras "epoch" per ``chunk`` steps (one progress bar each).
 
     A start or end that is not a multiple of ``chunk`` (a resume after an interrupt, or
@@ -209,4 +230,6 @@ def _fit_in_chunks(run: Run, stream_from, start: int, total: int, chunk: int, ca
                             epochs=end // per_epoch, steps_per_epoch=per_epoch,
                             callbacks=callbacks, verbose=verbose)
         logs = {k: float(v[-1]) for k, v in h.history.items()}
+        if stopped():
+            break
     return logs

@@ -73,6 +73,22 @@ class EMA(tf.Module):
             v.assign(tf.convert_to_tensor(s))
 
 
+class NonFiniteGuard(tf.Module):
+    """Counts steps whose loss or gradient norm is not finite (they are skipped: no
+    optimizer or EMA update; the step counter does not advance)."""
+
+    def __init__(self):
+        super().__init__(name="nonfinite_guard")
+        agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        self.consecutive = tf.Variable(0, trainable=False, dtype=tf.int64, aggregation=agg)
+        self.total = tf.Variable(0, trainable=False, dtype=tf.int64, aggregation=agg)
+
+    def record(self, finite: tf.Tensor) -> None:
+        bad = tf.cast(tf.logical_not(finite), tf.int64)
+        self.consecutive.assign((self.consecutive + 1) * bad)
+        self.total.assign_add(bad)
+
+
 class DiffusionTrainer(keras.Model):
     """Trains ``unet`` on ``objective``; ``fit`` expects batches from training.stream."""
 
@@ -86,6 +102,9 @@ class DiffusionTrainer(keras.Model):
         self.global_batch = int(global_batch)
         self.executor = executor
         self.ema = EMA(unet.trainable_variables, cfg.ema_decay)
+        # Consecutive and total skipped (non-finite) steps; checkpointed with the EMA.
+        self.guard = NonFiniteGuard()
+        self.abort_reason = None  # set by callbacks.StopGuard
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.gnorm_tracker = keras.metrics.Mean(name="grad_norm")
         self.lr_tracker = keras.metrics.Mean(name="lr")
@@ -166,12 +185,25 @@ class DiffusionTrainer(keras.Model):
         step = self.optimizer.iterations
         lr = self.optimizer.learning_rate
         lr = lr(step) if callable(lr) else lr
-        self.optimizer.apply_gradients(zip(grads, variables))
-        self.ema.update(variables, step)
-        self.loss_tracker.update_state(loss)
-        self.gnorm_tracker.update_state(gnorm)
+        finite = tf.logical_and(tf.math.is_finite(loss), tf.math.is_finite(gnorm))
+
+        def update():
+            self.optimizer.apply_gradients(zip(grads, variables))
+            self.ema.update(variables, step)
+            return tf.constant(True)
+
+        def skip():  # keep step == batches consumed, so a resume reads the same data
+            self.optimizer.iterations.assign_add(1)
+            return tf.constant(False)
+
+        tf.cond(finite, update, skip)
+        self.guard.record(finite)
+        self.loss_tracker.update_state(tf.where(finite, loss, 0.0))
+        self.gnorm_tracker.update_state(tf.where(finite, gnorm, 0.0))
         self.lr_tracker.update_state(lr)
-        return {m.name: m.result() for m in self.metrics}
+        logs = {m.name: m.result() for m in self.metrics}
+        logs["skipped"] = self.guard.total
+        return logs
 
 def build_optimizer_state(trainer: DiffusionTrainer) -> None:
     """Create the optimizer's slot variables now, so a checkpoint can restore them."""

@@ -13,11 +13,14 @@ import tensorflow as tf
 from ipu_testlib import small_config
 
 from ipu_diffusion import rng
+from ipu_diffusion._keras import keras
+from ipu_diffusion.data.dataset import batches_from_arrays
 from ipu_diffusion.pipeline import ipu
 from ipu_diffusion.pipeline.ipu_plan import ipu_plan
 from ipu_diffusion.pipeline.partition import partition_unet
 from ipu_diffusion.training.trainer import EMA
-from ipu_diffusion.data.dataset import batches_from_arrays
+
+pytestmark = pytest.mark.keras2  # the SDK runs Keras 2.6
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +194,31 @@ def test_ipu_assign_stages_fills_nested_models():
     assert [[a.pipeline_stage for a in group] for group in inner] == [[0, 0], [1, 1], [2, 2]]
     with pytest.raises(ValueError, match="'stray' of the pipelined model has no stage"):
         ipu.assign_stages([_Assignment(SimpleNamespace(name="stray"))], stage_of)
+
+
+def test_ipu_build_pipelined_model_assigns_front_stages_loss(parts, monkeypatch):
+    """build_pipelined_model on the real composed model, with the SDK's two model methods
+    stood in: front on stage 0, stage model s's layers on s, loss on the last stage."""
+    unet, objective, part, model, stages = parts
+    front, loss = model.get_layer("front"), model.get_layer("loss")
+    def computed(layers):
+        return [x for x in layers if not isinstance(x, keras.layers.InputLayer)]
+
+    inner = {id(m): [_Assignment(x) for x in computed(m.layers)] for m in stages}
+    top = [_Assignment(x, inner.get(id(x))) for x in computed(model.layers)]
+    got = {}
+    proxy = SimpleNamespace(layers=model.layers, get_pipeline_stage_assignment=lambda: top,
+                            set_pipeline_stage_assignment=lambda a: got.update(assignment=a),
+                            set_pipelining_options=lambda **kw: got.update(options=kw))
+    monkeypatch.setattr(ipu, "compose_training_model",
+                        lambda *args: (proxy, stages, front, loss))
+    plan = ipu_plan(small_config("pipeline.device_mapping=[0,0,1,1]"))
+    assert ipu.build_pipelined_model(unet, objective, part, plan, FAKE_SDK) is proxy
+    assert got["assignment"] is top
+    assert (top[0].layer.name, top[0].pipeline_stage) == ("front", 0)
+    assert (top[-1].layer.name, top[-1].pipeline_stage) == ("loss", 3)
+    assert [{a.pipeline_stage for a in inner[id(m)]} for m in stages] == [{0}, {1}, {2}, {3}]
+    assert got["options"]["device_mapping"] == [0, 0, 1, 1]
 
 
 FAKE_SDK = SimpleNamespace(

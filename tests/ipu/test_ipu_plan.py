@@ -174,7 +174,7 @@ def test_ipu_device_mapping_beyond_ipu_count():
     # 32 replicas x IPUs 0..3 = 128 > 64: the mapping's IPU 3 is beyond 0..1
     msg = raises(r"pipeline\.device_mapping", digits(*FOUR, "pipeline.device_mapping=[0,1,2,3]",
                                                     "ipu.replicas=32", "training.batch_size=256"))
-    assert "IPU 3" in msg and "ipu.replicas" in msg
+    assert "IPUs 0..3, so 4 IPUs per replica" in msg and "ipu.replicas 32" in msg
 
 
 def test_ipu_device_mapping_may_share_ipus():

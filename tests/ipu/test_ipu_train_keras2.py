@@ -9,6 +9,7 @@ import json
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from ipu_testlib import DIGITS
@@ -18,12 +19,12 @@ from ipu_diffusion.config import load_config
 from ipu_diffusion.models import layers
 from ipu_diffusion.pipeline import ipu
 
-pytestmark = [pytest.mark.keras2,
+pytestmark = [pytest.mark.keras2, pytest.mark.slow,
               pytest.mark.skipif(IS_KERAS3, reason="needs Keras 2 OptimizerV2 (run with "
                                  "TF_USE_LEGACY_KERAS=1, as make test-keras2 does)")]
 
-# one stage, M = 1: k = 1 x ceil(2 / 1) = 2 micro-batch steps = 2 updates per execution
-SHORT = ["model.ch=8", "training.batch_size=16", "training.log_every=2",
+# one stage, M = 1, one micro-batch step (= one update) per execution: the quickest trace
+SHORT = ["model.ch=8", "training.batch_size=16", "training.log_every=2", "ipu.steps_per_execution=1",
          "training.checkpoint_every=2", "training.warmup_steps=2"]
 
 
@@ -45,7 +46,7 @@ def stand_ins(monkeypatch):
     layers.set_group_norm_factory(None)
 
 
-def test_ipu_train_writes_run_and_resumes(stand_ins, tmp_path):
+def test_ipu_train_writes_run_and_restores(stand_ins, tmp_path):
     workdir = str(tmp_path / "run")
     first = ipu.train(load_config(DIGITS, SHORT + ["training.steps=4"]), workdir, verbose=0)
     assert (first["steps"], first["resumed_from"], first["backend"]) == (4, 0, "ipu")
@@ -55,6 +56,11 @@ def test_ipu_train_writes_run_and_resumes(stand_ins, tmp_path):
     latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
     names = [n for n, _ in tf.train.list_variables(latest)]
     assert "ema/shadow/0/.ATTRIBUTES/VARIABLE_VALUE" in names  # the CPU trainer's layout
-    second = ipu.train(load_config(DIGITS, SHORT + ["training.steps=6"]), workdir, resume=True,
-                       verbose=0)
-    assert (second["steps"], second["resumed_from"]) == (6, 4)
+    # a fresh build restores step, weights, Adam and EMA slots, and the synced EMA copy
+    from ipu_diffusion.training.run import restore_latest
+
+    run, _ = ipu.build_ipu_run(load_config(DIGITS, SHORT + ["training.steps=6"]), workdir)
+    assert restore_latest(run, required=True) == 4
+    for shadow, slot in zip(run.trainer.ema.shadow, run.trainer.ema_slots):
+        np.testing.assert_array_equal(shadow.numpy(), slot.numpy())
+    assert any(float(np.abs(s.numpy()).sum()) > 0 for s in run.trainer.ema_slots)
