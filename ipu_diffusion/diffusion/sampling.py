@@ -34,7 +34,7 @@ from ipu_diffusion.diffusion.gaussian import GaussianDiffusion, gather_coef
 from ipu_diffusion.diffusion.guidance import cfg_denoise_fn  # noqa: F401 (moved to guidance.py)
 from ipu_diffusion.diffusion.respace import SPACINGS, respace, space_timesteps
 
-SAMPLERS: Tuple[str, ...] = ("ddpm", "ddim")
+SAMPLERS: Tuple[str, ...] = ("ddpm", "ddim", "dpm_solver")
 Output = Union[tf.Tensor, Dict[str, tf.Tensor]]
 
 
@@ -283,9 +283,18 @@ def sample(diffusion: GaussianDiffusion, denoise_fn: Callable, shape: Optional[S
     spaced, ``space_timesteps(T, "uniform N")``; strided DDPM for ``ddpm``), ``"ddim"``
     (integer stride) or ``"quadratic"``. ``kwargs`` go to :func:`ddpm_sample` /
     :func:`ddim_sample` (clip_denoised, return_every, cond_fn, noise, jit_compile).
+    ``"dpm_solver"`` is DPM-Solver++(2M) (``dpm_solver.py``; ``steps`` network calls,
+    spacing also ``"logsnr"``; it also takes ``order``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: {sampler!r} is not valid; choose one of {', '.join(SAMPLERS)}")
+    if sampler == "dpm_solver":  # DPM-Solver++(2M); respaces itself (also spacing "logsnr")
+        from ipu_diffusion.diffusion.dpm_solver import dpm_solver
+
+        if eta != 0.0:
+            raise ValueError(f"eta: only the 'ddim' sampler takes eta, got {eta!r} with 'dpm_solver'")
+        return dpm_solver(diffusion, denoise_fn, shape, steps=steps, spacing=spacing, seed=seed,
+                          **kwargs)
     if spacing not in SPACINGS:
         raise ValueError(f"spacing: {spacing!r} is not valid; choose one of {', '.join(SPACINGS)}")
     T = diffusion.num_timesteps

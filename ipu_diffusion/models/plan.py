@@ -16,7 +16,9 @@ improved-DDPM options (Nichol & Dhariwal 2021; Dhariwal & Nichol 2021):
     out                         h                    -> out    [R, R, out_channels] float32
 
 Every activation of the down path is a skip, so down blocks write ``skip_k`` and the next
-block reads it as its input: no tensor is carried twice under two names.
+block reads it as its input: no tensor is carried twice under two names. Residual blocks
+read ``key`` (per-example dropout keys) even with dropout 0, so the interface of a block
+does not depend on hyperparameters.
 """
 from __future__ import annotations
 

@@ -266,7 +266,7 @@ def test_dispatcher_and_validation():
     c = sample(base, oracle, (8, 4), sampler="ddim", steps=25, spacing="quadratic", seed=4)
     assert c.shape == (8, 4)
     with pytest.raises(ValueError, match="ddpm, ddim"):
-        sample(base, oracle, (8, 4), sampler="dpm_solver")
+        sample(base, oracle, (8, 4), sampler="heun")
     with pytest.raises(ValueError, match="eta"):
         sample(base, oracle, (8, 4), sampler="ddpm", eta=0.5)
     with pytest.raises(ValueError, match="steps"):
