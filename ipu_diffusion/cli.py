@@ -1,4 +1,5 @@
-"""Command line: ``python -m ipu_diffusion {train,sample,eval} ...``.
+"""Command line: ``python -m ipu_diffusion {train,sample,eval,train-classifier,reconstruct,
+interpolate} ...``.
 
 Errors the user can fix (config, data, run directory) print one line and exit with
 status 2; they never show a traceback.
@@ -34,19 +35,21 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample images from a trained run (EMA weights)")
     s.add_argument("--workdir", required=True, help="run directory written by train")
     s.add_argument("--num", type=int, default=64, help="number of images")
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim",
-                   help="ancestral DDPM or DDIM (Song et al. 2021)")
+    s.add_argument("--sampler", choices=["ddpm", "ddim", "dpm_solver"], default="ddim",
+                   help="ancestral DDPM, DDIM (Song et al. 2021) or DPM-Solver++(2M) "
+                   "(Lu et al. 2022)")
     s.add_argument("--steps", type=int, default=50, help="sampling steps (respaced)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--out", help="output prefix (default: <workdir>/sample_<sampler><steps>)")
+    _guidance_flags(s)
 
     e = sub.add_parser("eval", help="sample with the EMA weights and compute FID/KID/IS/"
                        "precision/recall (and bits/dim) into <workdir>/metrics.json")
     e.add_argument("--workdir", required=True, help="run directory written by train")
     e.add_argument("--num-samples", type=int, default=None,
                    help="generated images to score (default: eval.num_samples)")
-    e.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
+    e.add_argument("--sampler", choices=["ddpm", "ddim", "dpm_solver"], default=None,
                    help="default: eval.sampler")
     e.add_argument("--steps", type=int, default=None, help="default: eval.steps")
     e.add_argument("--eta", type=float, default=None, help="DDIM eta (default: eval.eta)")
@@ -60,7 +63,54 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("train-ipu", help="train on Graphcore IPUs (needs the Poplar SDK)")
     for action in t._actions[1:]:  # the same flags as train
         i._add_action(action)
+    _control_parsers(sub)
     return p
+
+
+def _guidance_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--label", type=int, default=None,
+                   help="class of every sample (default: 0..K-1 cycled) for a class-conditional "
+                   "run or classifier guidance")
+    s.add_argument("--guidance", choices=["cfg", "classifier"], default=None,
+                   help="cfg: classifier-free guidance (Ho & Salimans 2022); classifier: "
+                   "gradient of a noise-aware classifier (Dhariwal & Nichol 2021)")
+    s.add_argument("--scale", type=float, default=None,
+                   help="guidance scale: cfg weight w (1 = conditional, 0 = unconditional) or "
+                   "the classifier gradient scale s (default 1)")
+    s.add_argument("--classifier", default=None, metavar="DIR",
+                   help="directory written by train-classifier (for --guidance classifier)")
+
+
+def _control_parsers(sub) -> None:
+    c = sub.add_parser("train-classifier", help="train a noise-aware classifier p(y | x_t, t) "
+                       "for classifier guidance")
+    c.add_argument("--config", required=True, help="YAML run config (its model, diffusion "
+                   "and data sections; model.num_classes > 0)")
+    c.add_argument("--workdir", required=True, help="directory for the classifier's weights "
+                   "and classifier.json")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    c.add_argument("--steps", type=int, default=500, help="Adam steps")
+    c.add_argument("--batch-size", type=int, default=None, help="default: training.batch_size")
+    c.add_argument("--lr", type=float, default=None, help="default: training.lr")
+
+    r = sub.add_parser("reconstruct", help="DDIM-encode held-out images and decode them back; "
+                       "report the MSE and write a PNG of originals over reconstructions")
+    r.add_argument("--workdir", required=True, help="run directory written by train")
+    r.add_argument("--num", type=int, default=16, help="held-out images")
+    r.add_argument("--steps", type=int, default=50, help="DDIM steps each way")
+    r.add_argument("--seed", type=int, default=0, help="which images")
+    r.add_argument("--out", help="output prefix (default: <workdir>/reconstruct_ddim<steps>)")
+
+    n = sub.add_parser("interpolate", help="slerp between the DDIM latents of two held-out "
+                       "images; write a PNG strip")
+    n.add_argument("--workdir", required=True, help="run directory written by train")
+    n.add_argument("--steps", type=int, default=50, help="DDIM steps each way")
+    n.add_argument("--frames", type=int, default=8, help="decoded frames, both ends included")
+    n.add_argument("--pair", type=int, nargs=2, default=None, metavar=("I", "J"),
+                   help="held-out image indices (default: two of different classes by --seed)")
+    n.add_argument("--seed", type=int, default=0, help="which images")
+    n.add_argument("--out", help="output prefix (default: <workdir>/interpolate_ddim<steps>)")
 
 
 def _load_for_train(args) -> RunConfig:
@@ -96,19 +146,77 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _check_guidance_flags(args) -> None:
+    """Flag combinations that cannot work, as one clear error before anything loads."""
+    from ipu_diffusion.diffusion.guidance import GuidanceError
+
+    if args.scale is not None and args.guidance is None:
+        raise GuidanceError("--scale: needs --guidance cfg or --guidance classifier")
+    if args.classifier and args.guidance != "classifier":
+        raise GuidanceError("--classifier: only used with --guidance classifier")
+    if args.guidance == "classifier" and not args.classifier:
+        raise GuidanceError("--guidance classifier: needs --classifier DIR (written by "
+                            "python -m ipu_diffusion train-classifier)")
+
+
 def cmd_sample(args) -> int:
     import numpy as np
 
+    from ipu_diffusion.diffusion.guidance import cycle_labels
     from ipu_diffusion.training.generate import sample_images
     from ipu_diffusion.visualize import save_image_grid
 
+    _check_guidance_flags(args)
+    classifier = None
+    if args.classifier:
+        from ipu_diffusion.training.classifier import load_classifier
+
+        classifier = load_classifier(args.classifier)
     run, step = _restore(args.workdir)
+    labels = None
+    if args.label is not None:
+        classes = classifier.num_classes if classifier is not None else run.cfg.model.num_classes
+        labels = cycle_labels(args.num, classes, args.label)
     images = sample_images(run, args.num, args.seed, sampler=args.sampler, steps=args.steps,
-                           eta=args.eta, progress=True)
-    prefix = args.out or os.path.join(args.workdir, f"sample_{args.sampler}{args.steps}")
+                           eta=args.eta, progress=True, labels=labels, guidance=args.guidance,
+                           scale=1.0 if args.scale is None else args.scale,
+                           classifier=classifier)
+    tag = f"_{args.guidance}{args.scale if args.scale is not None else 1.0:g}" if args.guidance else ""
+    prefix = args.out or os.path.join(args.workdir, f"sample_{args.sampler}{args.steps}{tag}")
     save_image_grid(images, prefix + ".png")
     np.savez_compressed(prefix + ".npz", images=images, step=step)
     print(f"wrote {prefix}.png and {prefix}.npz ({len(images)} images, checkpoint step {step})")
+    return 0
+
+
+def cmd_train_classifier(args) -> int:
+    from ipu_diffusion.training.classifier import train_classifier
+
+    cfg = load_config(args.config, args.overrides)
+    record = train_classifier(cfg, args.workdir, steps=args.steps, batch_size=args.batch_size,
+                              lr=args.lr)
+    print(json.dumps({"workdir": args.workdir, "train_seconds": record["train_seconds"],
+                      "heldout_accuracy_at_t": record["heldout_accuracy_at_t"]}, indent=2))
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    from ipu_diffusion.evaluation.run_eval import merge_metrics
+    from ipu_diffusion.training.control import reconstruct_run
+
+    run, _ = _restore(args.workdir)
+    result = reconstruct_run(run, args.num, args.steps, args.seed, args.out or "")
+    merge_metrics(args.workdir, {"reconstruct": result})
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    from ipu_diffusion.training.control import interpolate_run
+
+    run, _ = _restore(args.workdir)
+    result = interpolate_run(run, args.steps, args.frames, args.pair, args.seed, args.out or "")
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -154,11 +262,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ipu_diffusion.data import DataError
     from ipu_diffusion.training.run import Interrupted, RunError
 
+    from ipu_diffusion.diffusion.guidance import GuidanceError
+
     handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
-                "train-ipu": cmd_train_ipu}
+                "train-ipu": cmd_train_ipu, "train-classifier": cmd_train_classifier,
+                "reconstruct": cmd_reconstruct, "interpolate": cmd_interpolate}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, RunError) as e:
+    except (ConfigError, DataError, RunError, GuidanceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except Interrupted as e:

@@ -22,10 +22,13 @@ it returns x0_hat itself: the "final denoise" of the paper's discrete-time recip
 ``steps`` network calls give ``steps`` updates. With ``order=1`` every step is first
 order and the sampler equals deterministic DDIM (eta = 0) exactly.
 
-Step spacing: ``"uniform"`` (default) keeps timesteps evenly spaced in t (uniform time,
-what Lu et al. recommend for guided sampling with discrete-time models), ``"logsnr"``
-evenly spaced in lambda (their choice for unconditional low-resolution data), rounded
-to the nearest trained timestep; ``"ddim"``/``"quadratic"`` as in ``respace``.
+Step spacing: ``"logsnr"`` (default) keeps timesteps evenly spaced in lambda, rounded
+to the nearest trained timestep (Lu et al.'s choice for low-resolution data); ``"uniform"``
+keeps them evenly spaced in t (their choice for guided high-resolution sampling);
+``"ddim"``/``"quadratic"`` as in ``respace``. With the linear schedule, uniform time puts
+one huge lambda step next to t = 0 (20 steps: h = 2.9 after h = 0.66), where the
+multistep extrapolation (1/(2r) = 2.2) amplifies errors: on the Gaussian oracle 20
+uniform-time steps miss the exact ODE map by up to 0.19, 20 logSNR steps by 0.01.
 The chain is deterministic: the seed only draws x_T.
 """
 from __future__ import annotations
@@ -60,7 +63,7 @@ def logsnr_timesteps(diffusion: GaussianDiffusion, steps: int) -> List[int]:
     return sorted(set(int(t) for t in picked))
 
 
-def solver_timesteps(diffusion: GaussianDiffusion, steps: int, spacing: str = "uniform"
+def solver_timesteps(diffusion: GaussianDiffusion, steps: int, spacing: str = "logsnr"
                      ) -> List[int]:
     """The kept timesteps (ascending) for ``steps`` solver steps with ``spacing``."""
     if spacing not in SOLVER_SPACINGS:
@@ -183,9 +186,9 @@ def dpm_solver_sample(diffusion: GaussianDiffusion, denoise_fn: Callable,
 
 def dpm_solver(diffusion: GaussianDiffusion, denoise_fn: Callable,
                shape: Optional[Sequence[int]], steps: Optional[int] = 20,
-               spacing: str = "uniform", seed=0, **kwargs) -> Output:
+               spacing: str = "logsnr", seed=0, **kwargs) -> Output:
     """DPM-Solver++(2M) in ``steps`` network calls (None: all T) with ``spacing``
-    (``"uniform"`` in time, ``"logsnr"``, ``"ddim"`` or ``"quadratic"``); ``kwargs`` go to
+    (``"logsnr"``, ``"uniform"`` in time, ``"ddim"`` or ``"quadratic"``); ``kwargs`` go to
     :func:`dpm_solver_sample`. ``diffusion`` is the trained (not respaced) diffusion."""
     steps = diffusion.num_timesteps if steps is None else steps
     kept = solver_timesteps(diffusion, steps, spacing)

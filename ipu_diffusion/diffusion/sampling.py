@@ -276,15 +276,15 @@ def slerp(z0: tf.Tensor, z1: tf.Tensor, alpha) -> tf.Tensor:
 
 def sample(diffusion: GaussianDiffusion, denoise_fn: Callable, shape: Optional[Sequence[int]],
            sampler: str = "ddpm", steps: Optional[int] = None, eta: float = 0.0, seed=0,
-           spacing: str = "uniform", **kwargs) -> Output:
+           spacing: Optional[str] = None, **kwargs) -> Output:
     """Sample with ``sampler`` in ``steps`` steps (default: all T).
 
-    With ``steps < T`` the diffusion is respaced first: ``spacing`` ``"uniform"`` (evenly
-    spaced, ``space_timesteps(T, "uniform N")``; strided DDPM for ``ddpm``), ``"ddim"``
-    (integer stride) or ``"quadratic"``. ``kwargs`` go to :func:`ddpm_sample` /
+    With ``steps < T`` the diffusion is respaced first: ``spacing`` ``"uniform"`` (the
+    default; evenly spaced, ``space_timesteps(T, "uniform N")``; strided DDPM for
+    ``ddpm``), ``"ddim"`` (integer stride) or ``"quadratic"``. ``kwargs`` go to :func:`ddpm_sample` /
     :func:`ddim_sample` (clip_denoised, return_every, cond_fn, noise, jit_compile).
-    ``"dpm_solver"`` is DPM-Solver++(2M) (``dpm_solver.py``; ``steps`` network calls,
-    spacing also ``"logsnr"``; it also takes ``order``).
+    ``"dpm_solver"`` is DPM-Solver++(2M) (``dpm_solver.py``; ``steps`` network calls;
+    ``spacing`` default ``"logsnr"``, evenly spaced half-log-SNR; it also takes ``order``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: {sampler!r} is not valid; choose one of {', '.join(SAMPLERS)}")
@@ -293,8 +293,9 @@ def sample(diffusion: GaussianDiffusion, denoise_fn: Callable, shape: Optional[S
 
         if eta != 0.0:
             raise ValueError(f"eta: only the 'ddim' sampler takes eta, got {eta!r} with 'dpm_solver'")
-        return dpm_solver(diffusion, denoise_fn, shape, steps=steps, spacing=spacing, seed=seed,
-                          **kwargs)
+        return dpm_solver(diffusion, denoise_fn, shape, steps=steps, spacing=spacing or "logsnr",
+                          seed=seed, **kwargs)
+    spacing = spacing or "uniform"
     if spacing not in SPACINGS:
         raise ValueError(f"spacing: {spacing!r} is not valid; choose one of {', '.join(SPACINGS)}")
     T = diffusion.num_timesteps

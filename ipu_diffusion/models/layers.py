@@ -42,7 +42,69 @@ def group_norm(groups: int, name: str, epsilon: float = GROUP_NORM_EPSILON,
     ``dtype`` None follows the dtype policy; an installed factory's layer always does."""
     if _group_norm_factory is not None:
         return _group_norm_factory(groups=groups, name=name, epsilon=epsilon)
-    return keras.layers.GroupNormalization(groups=groups, epsilon=epsilon, name=name, dtype=dtype)
+    return GroupNorm(groups=groups, epsilon=epsilon, name=name, dtype=dtype)
+
+
+def _group_norm_math(x, gamma, beta, groups: int, epsilon: float, add=None, scale=None,
+                     shift=None, swish: bool = False):
+    """``swish?(GN(x + add) * (1 + scale) + shift)`` for ``x`` ``[B, H, W, C]``, statistics
+    in float32 (Wu & He 2018), result in ``x``'s dtype."""
+    dtype = x.dtype
+    x = tf.cast(x, tf.float32)
+    if add is not None:
+        x = x + tf.cast(add, tf.float32)
+    _, h, w, c = x.shape
+    xg = tf.reshape(x, [-1, h * w, groups, c // groups])
+    mean, var = tf.nn.moments(xg, axes=[1, 3], keepdims=True)
+    inv = tf.math.rsqrt(var + epsilon) * tf.reshape(tf.cast(gamma, tf.float32), [1, 1, groups, -1])
+    y = xg * inv + (tf.reshape(tf.cast(beta, tf.float32), [1, 1, groups, -1]) - mean * inv)
+    y = tf.reshape(y, [-1, h, w, c])
+    if scale is not None:
+        y = y * (1.0 + tf.cast(scale, tf.float32)) + tf.cast(shift, tf.float32)
+    if swish:
+        y = y * tf.sigmoid(y)
+    return tf.cast(y, dtype)
+
+
+# Normalisation and its neighbours are memory-bound chains of small ops; one XLA cluster
+# per call fuses them (about 2x faster forward + backward on CPU than separate TF ops).
+_fused_group_norm = tf.function(_group_norm_math, jit_compile=True, autograph=False)
+
+
+class GroupNorm(keras.layers.Layer):
+    """Group normalisation with ``gamma``/``beta`` ``[C]`` (the weights of
+    ``keras.layers.GroupNormalization``), computed as one fused XLA function that can
+    also take a pre-added ``add``, a scale-shift and a trailing swish."""
+
+    def __init__(self, groups: int, epsilon: float = GROUP_NORM_EPSILON,
+                 name: Optional[str] = None, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.groups, self.epsilon = int(groups), float(epsilon)
+
+    def build(self, input_shape):
+        c = int(input_shape[-1])
+        self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(c,), initializer="zeros")
+        self.built = True
+
+    def call(self, inputs, add=None, scale=None, shift=None, swish=False):
+        gamma, beta = tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta)
+        return _fused_group_norm(inputs, gamma, beta, self.groups, self.epsilon,
+                                 add, scale, shift, bool(swish))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def norm_act(norm: keras.layers.Layer, x, add=None, scale=None, shift=None, swish=True):
+    """``swish?(norm(x + add) * (1 + scale) + shift)``: fused for :class:`GroupNorm`, op by
+    op for a factory-made layer (e.g. the IPU GroupNorm)."""
+    if isinstance(norm, GroupNorm):
+        return norm(x, add=add, scale=scale, shift=shift, swish=swish)
+    h = norm(x if add is None else x + add)
+    if scale is not None:
+        h = h * (1.0 + scale) + shift
+    return tf.nn.silu(h) if swish else h
 
 
 def default_init(scale: float = 1.0):
@@ -150,6 +212,16 @@ class TimestepEmbed(keras.layers.Layer):
         return (_shape(t_shape)[0], 4 * self.ch)
 
 
+def _keep_mask_math(key, shape, salt: int, rate: float):
+    """Inverted-dropout multiplier ``[B, *shape]``: 0 or 1/(1-rate), float32."""
+    u = rng.uniform(rng.fold(key, salt), shape, salt)
+    return tf.cast(u >= rate, tf.float32) * (1.0 / (1.0 - rate))
+
+
+# The hash is ~20 elementwise integer ops: fused by XLA into one pass.
+_keep_mask = tf.function(_keep_mask_math, jit_compile=True, autograph=False)
+
+
 class KeyedDropout(keras.layers.Layer):
     """Stateless inverted dropout keyed per example: ``[h [B, ...], key int32 [B]] -> h``.
 
@@ -172,9 +244,8 @@ class KeyedDropout(keras.layers.Layer):
         h, key = inputs
         if self.rate <= 0.0 or training is None or training is False:
             return h
-        u = rng.uniform(rng.fold(key, self.salt), h.shape[1:], self.salt)
-        keep = tf.cast(u >= self.rate, h.dtype) * tf.cast(1.0 / (1.0 - self.rate), h.dtype)
-        dropped = h * keep
+        keep = _keep_mask(key, tuple(int(d) for d in h.shape[1:]), self.salt, self.rate)
+        dropped = h * tf.cast(keep, h.dtype)
         if isinstance(training, bool):
             return dropped
         return tf.cond(tf.cast(training, tf.bool), lambda: dropped, lambda: h)
@@ -232,16 +303,16 @@ class ResBlock(keras.layers.Layer):
     @_no_autograph
     def call(self, inputs, training=None):
         x, emb, key = inputs
-        h = tf.nn.silu(self.norm1(x))
+        h = norm_act(self.norm1, x)
         h, x = self._resample(h), self._resample(x)
         h = self.conv1(h)
         e = self.emb_proj(tf.nn.silu(emb))[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = tf.split(e, 2, axis=-1)
-            h = self.norm2(h) * (1.0 + scale) + shift
+            h = norm_act(self.norm2, h, scale=scale, shift=shift)
         else:
-            h = self.norm2(h + e)
-        h = self.dropout([tf.nn.silu(h), key], training=training)
+            h = norm_act(self.norm2, h, add=e)
+        h = self.dropout([h, key], training=training)
         h = self.conv2(h)
         if self.skip is not None:
             x = self.skip(x)
@@ -280,7 +351,7 @@ class AttentionBlock(keras.layers.Layer):
         _, hh, ww, c = inputs.shape
         heads, d, n = self.num_heads, c // self.num_heads, hh * ww
         b = tf.shape(inputs)[0]
-        qkv = self.qkv(self.norm(inputs))  # [B, H, W, 3C], channels ordered (q|k|v, head, d)
+        qkv = self.qkv(norm_act(self.norm, inputs, swish=False))  # [B, H, W, 3C], channels ordered (q|k|v, head, d)
         if heads == 1:
             q, k, v = tf.split(tf.reshape(qkv, [b, n, 3 * c]), 3, axis=-1)  # [B, HW, C]
         else:
@@ -394,7 +465,7 @@ class OutBlock(keras.layers.Layer):
 
     @_no_autograph
     def call(self, inputs, training=None):
-        return self.conv(tf.nn.silu(self.norm(inputs)))
+        return self.conv(norm_act(self.norm, inputs))
 
     def compute_output_shape(self, input_shape):
         return _shape(input_shape)[:3] + (self.out_channels,)

@@ -52,7 +52,7 @@ def conditional_fn_for(unet) -> Callable:
     return model_fn
 
 
-def _unconditional_fn(run) -> Callable:
+def unconditional_fn(run) -> Callable:
     """The EMA model without labels: the null label of a conditional model."""
     unet, denoise = ema_unet(run)
     if "y" not in unet.input_keys:
@@ -77,7 +77,7 @@ def ema_guide(run, guidance: str, classifier=None) -> guidance_lib.Guide:
                 raise GuidanceError("--guidance classifier needs --classifier DIR (a directory "
                                     "written by train-classifier)")
             classifier.check_compatible(run.cfg)
-            guides[key] = guidance_lib.classifier_guide(_unconditional_fn(run),
+            guides[key] = guidance_lib.classifier_guide(unconditional_fn(run),
                                                         classifier.logits_fn)
         elif guidance in ("none", "cfg"):
             model_fn = conditional_fn_for(unet)
