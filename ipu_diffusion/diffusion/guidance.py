@@ -81,8 +81,8 @@ def classifier_log_prob_grad(logits_fn: Callable, x: tf.Tensor, t: tf.Tensor,
     with tf.GradientTape() as tape:
         tape.watch(x)
         log_probs = tf.nn.log_softmax(tf.cast(logits_fn(x, t), tf.float32), axis=-1)
-        picked = tf.gather(log_probs, labels, axis=1, batch_dims=1)  # [B]
-    return tape.gradient(tf.reduce_sum(picked), x)
+        total = tf.reduce_sum(tf.gather(log_probs, labels, axis=1, batch_dims=1))
+    return tape.gradient(total, x)
 
 
 def classifier_cond_fn(logits_fn: Callable, y, scale) -> Callable:

@@ -99,6 +99,8 @@ class TensorBoardCallback(keras.callbacks.Callback):
             with self.writer.as_default():
                 for name, value in logs.items():
                     tf.summary.scalar(f"train/{name}", float(value), step=step)
+                tf.summary.scalar("train/skipped_nonfinite_steps",
+                                  int(self.model.guard.total.numpy()), step=step)
             self.writer.flush()
 
     def image(self, name: str, images: np.ndarray, step: int) -> None:

@@ -201,9 +201,7 @@ class DiffusionTrainer(keras.Model):
         self.loss_tracker.update_state(tf.where(finite, loss, 0.0))
         self.gnorm_tracker.update_state(tf.where(finite, gnorm, 0.0))
         self.lr_tracker.update_state(lr)
-        logs = {m.name: m.result() for m in self.metrics}
-        logs["skipped"] = self.guard.total
-        return logs
+        return {m.name: m.result() for m in self.metrics}
 
 def build_optimizer_state(trainer: DiffusionTrainer) -> None:
     """Create the optimizer's slot variables now, so a checkpoint can restore them."""

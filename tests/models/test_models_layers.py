@@ -99,8 +99,28 @@ def test_group_norm_factory_hook():
     # 5 ResBlocks (down, 2 mid, 2 up) with two norms each, 4 attention layers (down, mid,
     # 2 up at the single 4x4 level) and the output block one each
     assert len(made) == 2 * 5 + 4 + 1 and all(g == 4 for g, _ in made)
-    assert isinstance(L.group_norm(4, "n"), keras.layers.GroupNormalization)
+    assert isinstance(L.group_norm(4, "n"), L.GroupNorm)
     assert unet.count_params() > 0
+
+
+def test_fused_group_norm_equals_keras_group_norm_op_by_op():
+    x = tf.random.stateless_normal([3, 4, 4, 8], seed=[1, 2]) * 3.0 + 1.0
+    add = tf.random.stateless_normal([3, 1, 1, 8], seed=[3, 4])
+    scale = tf.random.stateless_normal([3, 1, 1, 8], seed=[5, 6])
+    shift = tf.random.stateless_normal([3, 1, 1, 8], seed=[7, 8])
+    ours = L.GroupNorm(4, name="ours")
+    ref = keras.layers.GroupNormalization(groups=4, epsilon=L.GROUP_NORM_EPSILON, name="ref")
+    ours.build(x.shape)
+    ref.build(x.shape)
+    gamma = tf.random.stateless_normal([8], seed=[9, 9])
+    for layer in (ours, ref):  # same non-trivial weights in both
+        layer.gamma.assign(gamma)
+        layer.beta.assign(gamma * 0.5)
+    for kwargs in [{}, {"add": add}, {"scale": scale, "shift": shift}]:
+        for swish in (False, True):
+            fused = L.norm_act(ours, x, swish=swish, **kwargs)
+            plain = L.norm_act(ref, x, swish=swish, **kwargs)
+            np.testing.assert_allclose(fused.numpy(), plain.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_mixed_precision_output_is_float32():
