@@ -286,17 +286,40 @@ def config_from_dict(data: Dict[str, Any], overrides: Sequence[str] = ()) -> Run
     return cfg
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
-    """Load a YAML run config strictly (``yaml.safe_load`` only)."""
+def _read_tree(path: str, seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """The YAML mapping in ``path``, with ``base: other.yaml`` (relative to the file)
+    merged underneath: keys in this file override the base's, section by section."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
+    real = os.path.realpath(path)
+    if real in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f)
+            data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    merged = _read_tree(os.path.join(os.path.dirname(path), base), seen + (real,))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a YAML run config strictly (``yaml.safe_load`` only; ``base:`` inherits)."""
+    data = _read_tree(path)
     try:
-        return config_from_dict(data or {}, overrides)
+        return config_from_dict(data, overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

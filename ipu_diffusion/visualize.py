@@ -55,11 +55,14 @@ def make_grid(images, ncols: Optional[int] = None, padding: int = 2, pad_value: 
 
 
 def save_image_grid(images, path: str, ncols: Optional[int] = None, padding: int = 2,
-                    scale: int = 1) -> str:
+                    scale: Optional[int] = None) -> str:
     """Write :func:`make_grid` of ``images`` ``[N, H, W, C]`` in [-1, 1] as a PNG at
-    ``path`` (parent folders are created); returns ``path``."""
+    ``path`` (parent folders are created); returns ``path``. ``scale`` None picks the
+    integer upscaling that makes small images (e.g. 16x16 digits) at least 64 px tall."""
     from PIL import Image
 
+    if scale is None:
+        scale = max(1, -(-64 // int(np.shape(images)[1])))
     grid = make_grid(images, ncols, padding, scale=scale)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, format="PNG")

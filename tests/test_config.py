@@ -62,3 +62,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "pipeline_configs", "*.yaml"))))
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_base_inheritance_merges_sections(tmp_path):
+    (tmp_path / "parent.yaml").write_text("model: {ch: 64, dropout: 0.2}\ntraining: {steps: 7}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nmodel: {ch: 32}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert (cfg.model.ch, cfg.model.dropout, cfg.training.steps) == (32, 0.2, 7)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(str(tmp_path / "loop.yaml"))
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(str(tmp_path / "orphan.yaml"))

@@ -169,13 +169,14 @@ def noisy_accuracy(clf: NoiseAwareClassifier, diffusion, images: np.ndarray, lab
                    timesteps, seed: int = 0, batch_size: int = 500) -> Dict[str, float]:
     """Top-1 accuracy on ``images`` noised to each of ``timesteps`` (fixed noise seed)."""
     out = {}
+    forward = tf.function(lambda x0, t, key: clf.logits_fn(noised(diffusion, x0, t, key), t))
     for t_value in timesteps:
         hits = 0
         for i in range(0, len(images), batch_size):
             x0 = tf.constant(images[i:i + batch_size])
             t = tf.fill([len(x0)], int(t_value))
-            x_t = noised(diffusion, x0, t, tf.constant([seed, i], tf.int64))
-            pred = np.argmax(clf.logits_fn(x_t, t).numpy(), axis=1)
+            logits = forward(x0, t, tf.constant([seed, i], tf.int64))
+            pred = np.argmax(logits.numpy(), axis=1)
             hits += int((pred == labels[i:i + batch_size]).sum())
         out[str(int(t_value))] = hits / len(images)
     return out

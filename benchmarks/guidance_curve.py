@@ -1,0 +1,134 @@
+"""Guidance curves on a trained class-conditional digits run: label agreement and
+diversity against the guidance scale, for classifier-free guidance (Ho & Salimans 2022)
+and classifier guidance (Dhariwal & Nichol 2021), plus DPM-Solver++ vs DDIM.
+
+    python benchmarks/guidance_curve.py --workdir runs/digits_cond \
+        --classifier runs/digits_cond/classifier --num 500
+
+For each setting it samples ``--num`` images with the labels 0..9 cycled and scores them
+with the digits classifier (evaluation/digits_classifier.py): ``label_agreement`` (its
+argmax equals the requested label), FID/precision/recall against the test split, and
+``within_class_var``: the mean over classes of the total variance of the classifier's
+features among samples requested with that class (diversity; the real test images give
+the reference value). Writes ``<out>.json`` and ``<out>.png`` (agreement and diversity
+vs scale) and a sample grid per setting under ``<out>_grids/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ipu_diffusion.cli import _restore  # noqa: E402
+from ipu_diffusion.diffusion.guidance import cycle_labels  # noqa: E402
+from ipu_diffusion.evaluation.digits_classifier import load_digits_classifier  # noqa: E402
+from ipu_diffusion.evaluation.evaluate import digits_quality  # noqa: E402
+from ipu_diffusion.training.generate import sample_images  # noqa: E402
+from ipu_diffusion.visualize import save_image_grid  # noqa: E402
+
+METRICS = ("label_agreement", "fid", "precision", "recall")
+
+
+def within_class_var(features: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over classes of trace Cov(features | requested class)."""
+    return float(np.mean([features[labels == k].var(axis=0).sum() for k in np.unique(labels)]))
+
+
+def score(run, images: np.ndarray, labels: np.ndarray, net, cache: str) -> Dict[str, float]:
+    quality = digits_quality(images, run.cfg, cache, labels=labels, verbose=False)
+    features, _ = net(images, verbose=False)
+    out = {k: float(quality[k]) for k in METRICS}
+    out["within_class_var"] = within_class_var(features, labels)
+    return out
+
+
+def setting(run, args, net, cache: str, name: str, sampler: str, steps: int,
+            guidance: Optional[str], scale: float, classifier=None) -> Dict[str, object]:
+    labels = cycle_labels(args.num, 10)
+    began = time.time()
+    images = sample_images(run, args.num, args.seed, sampler=sampler, steps=steps,
+                           labels=labels, guidance=guidance, scale=scale, classifier=classifier)
+    seconds = time.time() - began
+    grid_dir = args.out + "_grids"
+    save_image_grid(images[:100], os.path.join(grid_dir, f"{name}.png"), ncols=10, scale=2)
+    row = {"name": name, "sampler": sampler, "steps": steps, "guidance": guidance or "none",
+           "scale": scale, "sample_seconds": round(seconds, 1),
+           **score(run, images, labels, net, cache)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def plot(rows: List[Dict[str, object]], reference: Dict[str, float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for kind, style in (("cfg", "o-"), ("classifier", "s--")):
+        sel = [r for r in rows if r["guidance"] == kind and r["sampler"] == "ddim"]
+        if not sel:
+            continue
+        xs = [r["scale"] for r in sel]
+        for ax, key in zip(axes, ("label_agreement", "within_class_var", "fid")):
+            ax.plot(xs, [r[key] for r in sel], style, label=f"{kind} guidance")
+    for ax, key, title in zip(axes, ("label_agreement", "within_class_var", "fid"),
+                              ("label agreement (digits CNN)", "within-class feature variance",
+                               "FID vs test split (digits CNN)")):
+        if key in reference:
+            ax.axhline(reference[key], color="grey", lw=0.8, ls=":", label="real test images")
+        ax.set_xlabel("guidance scale")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="class-conditional digits run")
+    p.add_argument("--classifier", default="", help="train-classifier directory (optional)")
+    p.add_argument("--num", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scales", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0])
+    p.add_argument("--clf-scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 10.0])
+    p.add_argument("--out", default="benchmarks/results/guidance_curve")
+    args = p.parse_args(argv)
+    run, step = _restore(args.workdir)
+    cache = os.path.join(run.workdir, "eval_cache")
+    net = load_digits_classifier(run.cfg, cache, verbose=False)
+    from ipu_diffusion.data import load_arrays
+
+    x_test, y_test = load_arrays(run.cfg, "test")
+    feats, _ = net(x_test, verbose=False)
+    reference = {"within_class_var": within_class_var(feats, y_test),
+                 "label_agreement": float(net.record["test_accuracy"])}
+    rows = [setting(run, args, net, cache, f"cfg{s:g}", "ddim", 50, "cfg", s)
+            for s in args.cfg_scales]
+    if args.classifier:
+        from ipu_diffusion.training.classifier import load_classifier
+
+        clf = load_classifier(args.classifier)
+        rows += [setting(run, args, net, cache, f"classifier{s:g}", "ddim", 50, "classifier", s,
+                         clf) for s in args.clf_scales]
+    for sampler, steps in (("dpm_solver", 20), ("ddim", 20)):  # DDIM 50 is row "cfg1"
+        rows.append(setting(run, args, net, cache, f"{sampler}{steps}", sampler, steps, None, 1.0))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"workdir": args.workdir, "checkpoint_step": step, "num": args.num,
+                   "reference_real_test": reference, "rows": rows}, f, indent=2)
+    plot(rows, reference, args.out + ".png")
+    print(f"wrote {args.out}.json and {args.out}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
