@@ -49,12 +49,42 @@ def bits_per_dim(run, images: np.ndarray, batch_size: int, seed: int = 0) -> Dic
             "bpd_prior": float(np.concatenate(priors).mean()), "bpd_images": int(len(total))}
 
 
+def _nearest_distances(queries: np.ndarray, pool: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Euclidean pixel distance from each query [N, ...] to its nearest image in ``pool``."""
+    q = queries.reshape(len(queries), -1).astype(np.float64)
+    p = pool.reshape(len(pool), -1).astype(np.float64)
+    p_sq = (p ** 2).sum(1)
+    out = []
+    for i in range(0, len(q), batch):
+        c = q[i:i + batch]
+        d2 = (c ** 2).sum(1)[:, None] - 2.0 * c @ p.T + p_sq[None, :]
+        out.append(np.sqrt(np.maximum(d2.min(1), 0.0)))
+    return np.concatenate(out)
+
+
+def memorization(images: np.ndarray, train: np.ndarray, test: np.ndarray) -> Dict[str, float]:
+    """Do samples copy training images? Compares each sample's nearest-training-image
+    distance with the same distance for held-out test images (which are not copies):
+    ``near_copies`` is the fraction of samples closer to a training image than 99% of
+    test images are."""
+    fake = _nearest_distances(images, train)
+    real = _nearest_distances(test, train)
+    return {"nn_train_distance_median": float(np.median(fake)),
+            "nn_train_distance_median_test": float(np.median(real)),
+            "near_copies": float((fake < np.percentile(real, 1)).mean())}
+
+
 def _quality(run, images: np.ndarray, verbose: bool) -> Dict[str, Any]:
+    from ipu_diffusion.data import load_arrays
+
     cfg = run.cfg
     cache = os.path.join(run.workdir, EVAL_CACHE)
     if cfg.data.source == "digits":
+        train, _ = load_arrays(cfg, "train")
+        test, _ = load_arrays(cfg, "test")
         return {"feature_net": "digits classifier",
-                **digits_quality(images, cfg, cache, seed=cfg.run.seed, verbose=verbose)}
+                **digits_quality(images, cfg, cache, seed=cfg.run.seed, verbose=verbose),
+                **memorization(images, train, test)}
     if cfg.eval.inception_path or os.environ.get(ENV_VAR):
         return {"feature_net": "FID Inception (pool3)",
                 **inception_quality(images, cfg, cache, seed=cfg.run.seed, verbose=verbose)}
