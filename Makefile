@@ -23,10 +23,10 @@ setup: $(STAMP)
 test: test-keras3 test-keras2
 
 test-keras3: $(STAMP)
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=12 tests
 
 test-keras2: $(STAMP)
-	TF_USE_LEGACY_KERAS=1 $(PYTHON) -m pytest -q -m keras2 tests
+	TF_USE_LEGACY_KERAS=1 $(PYTHON) -m pytest -q --durations=8 -m keras2 tests
 
 lint: $(STAMP)
 	$(PYTHON) -m vermin --no-tips --violations -t=3.8- ipu_diffusion

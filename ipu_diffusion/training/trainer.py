@@ -62,9 +62,11 @@ class EMA(tf.Module):
             for i, v in enumerate(variables)
         ]
 
-    def update(self, variables: List[Any], step: tf.Tensor) -> None:
+    def update(self, variables: List[Any], step: tf.Tensor, active=True) -> None:
+        """One EMA step; with ``active`` false (a skipped step) the shadow is unchanged."""
         n = tf.cast(step, tf.float32)
         decay = tf.minimum(self.decay, (1.0 + n) / (10.0 + n))
+        decay = tf.where(active, decay, 1.0)
         for s, v in zip(self.shadow, variables):
             s.assign(decay * s + (1.0 - decay) * tf.cast(tf.convert_to_tensor(v), s.dtype))
 
@@ -161,6 +163,26 @@ class DiffusionTrainer(keras.Model):
             return self.optimizer.get_unscaled_gradients(grads)
         return grads  # Keras 3's LossScaleOptimizer unscales inside apply_gradients
 
+    def _apply_if_finite(self, grads, variables, finite, replicas: int) -> None:
+        """Apply the update only when ``finite``. One replica: the step is skipped (no
+        optimizer update; the step counter still advances so a resume reads the same
+        data). Several replicas: ``apply_gradients`` synchronises replicas and may not sit
+        inside a ``tf.cond``, so a zero gradient is applied instead (Adam's moments decay)."""
+        if replicas > 1:
+            zeros = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+            self.optimizer.apply_gradients(zip(zeros, variables))
+            return
+
+        def update():
+            self.optimizer.apply_gradients(zip(grads, variables))
+            return tf.constant(True)
+
+        def skip():
+            self.optimizer.iterations.assign_add(1)
+            return tf.constant(False)
+
+        tf.cond(finite, update, skip)
+
     def train_step(self, data):
         carry = self.carry_from_batch(data)
         if self.executor is not None:
@@ -186,17 +208,8 @@ class DiffusionTrainer(keras.Model):
         lr = self.optimizer.learning_rate
         lr = lr(step) if callable(lr) else lr
         finite = tf.logical_and(tf.math.is_finite(loss), tf.math.is_finite(gnorm))
-
-        def update():
-            self.optimizer.apply_gradients(zip(grads, variables))
-            self.ema.update(variables, step)
-            return tf.constant(True)
-
-        def skip():  # keep step == batches consumed, so a resume reads the same data
-            self.optimizer.iterations.assign_add(1)
-            return tf.constant(False)
-
-        tf.cond(finite, update, skip)
+        self._apply_if_finite(grads, variables, finite, replicas)
+        self.ema.update(variables, step, active=finite)
         self.guard.record(finite)
         self.loss_tracker.update_state(tf.where(finite, loss, 0.0))
         self.gnorm_tracker.update_state(tf.where(finite, gnorm, 0.0))
