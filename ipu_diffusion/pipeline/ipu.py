@@ -488,8 +488,8 @@ def train(run_config: RunConfig, workdir: Optional[str] = None, resume: bool = F
                  cb.CheckpointCallback(run.manager, t.checkpoint_every)]
     began = time.time()
     with run.strategy.scope():
-        logs = run_lib._fit_in_chunks(run, stream_from, start, t.steps, t.log_every,  # noqa: SLF001
-                                      callbacks, verbose)
+        logs = run_lib.fit_in_chunks(run, stream_from, start, t.steps, t.log_every,
+                                     callbacks, verbose)
     metrics = {"backend": "ipu", "ipus": plan.total_ipus, "steps": run.step,
                "resumed_from": start, "wall_time_s": round(time.time() - began, 2),
                "img_per_s": round(throughput.img_per_s, 2), "final_loss": logs.get("loss"),

@@ -48,7 +48,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         """Save unless this step is already saved or a non-finite streak is under way (the
         newest checkpoint then stays the last good state)."""
         step = _step(self.model)
-        if step == self.last_saved or int(self.model.guard.consecutive.numpy()) > 0:
+        guard = getattr(self.model, "guard", None)  # the IPU pipeline model has none
+        if step == self.last_saved or (guard is not None and int(guard.consecutive.numpy()) > 0):
             return None
         self.last_saved = step
         return self.manager.save(checkpoint_number=step)
@@ -99,8 +100,10 @@ class TensorBoardCallback(keras.callbacks.Callback):
             with self.writer.as_default():
                 for name, value in logs.items():
                     tf.summary.scalar(f"train/{name}", float(value), step=step)
-                tf.summary.scalar("train/skipped_nonfinite_steps",
-                                  int(self.model.guard.total.numpy()), step=step)
+                guard = getattr(self.model, "guard", None)
+                if guard is not None:
+                    tf.summary.scalar("train/skipped_nonfinite_steps", int(guard.total.numpy()),
+                                      step=step)
             self.writer.flush()
 
     def image(self, name: str, images: np.ndarray, step: int) -> None:

@@ -180,7 +180,7 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
     guard = cb.StopGuard(t.max_nonfinite_steps)
     callbacks = [throughput, tb, ckpt, grid, guard]
     began = time.time()
-    history = _fit_in_chunks(run, stream_from, start, t.steps, t.log_every, callbacks, verbose,
+    history = fit_in_chunks(run, stream_from, start, t.steps, t.log_every, callbacks, verbose,
                              lambda: guard.stopped)
     wall = time.time() - began
     if run.trainer.abort_reason is not None:
@@ -207,8 +207,8 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
     return metrics
 
 
-def _fit_in_chunks(run: Run, stream_from, start: int, total: int, chunk: int, callbacks,
-                   verbose: int, stopped) -> Dict[str, float]:
+def fit_in_chunks(run: Run, stream_from, start: int, total: int, chunk: int, callbacks,
+                  verbose: int, stopped=lambda: False) -> Dict[str, float]:
     """``fit`` with one Keras "epoch" per ``chunk`` steps (one progress bar each).
 
     A start or end that is not a multiple of ``chunk`` (a resume after an interrupt, or

@@ -37,9 +37,22 @@ def _state(workdir, cfg):
             [np.asarray(v) for v in run.trainer.optimizer.variables])
 
 
-def test_short_run_writes_artefacts(tmp_path):
-    workdir = str(tmp_path / "run")
-    metrics = train(_cfg(), workdir, verbose=0)
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+    """One uninterrupted 6-step run: (workdir, metrics)."""
+    workdir = str(tmp_path_factory.mktemp("six") / "run")
+    return workdir, train(_cfg(), workdir, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """The one-device 2-step reference run: (workdir, metrics)."""
+    workdir = str(tmp_path_factory.mktemp("two") / "run")
+    return workdir, train(_cfg("training.steps=2"), workdir, verbose=0)
+
+
+def test_short_run_writes_artefacts(six_steps):
+    workdir, metrics = six_steps
     assert metrics["steps"] == 6 and np.isfinite(metrics["final_loss"])
     for name in ["config.yaml", "metrics.json", "samples.png", "checkpoints/checkpoint"]:
         assert os.path.exists(os.path.join(workdir, name)), name
@@ -49,9 +62,8 @@ def test_short_run_writes_artefacts(tmp_path):
         train(_cfg(), workdir, verbose=0)
 
 
-def test_resume_gives_the_same_weights(tmp_path):
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    train(_cfg(), straight, verbose=0)
+def test_resume_gives_the_same_weights(six_steps, tmp_path):
+    straight, split = six_steps[0], str(tmp_path / "split")
     train(_cfg("training.steps=4"), split, verbose=0)  # stops mid-chunk (log_every 3)
     train(_cfg(), split, resume=True, verbose=0)
     a, b = _state(straight, _cfg()), _state(split, _cfg())
@@ -61,8 +73,8 @@ def test_resume_gives_the_same_weights(tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
-def test_mirrored_two_replicas_equal_one_device(tmp_path):
-    one = train(_cfg("training.steps=2"), str(tmp_path / "one"), verbose=0)
+def test_mirrored_two_replicas_equal_one_device(two_steps, tmp_path):
+    one_dir, one = two_steps
     two = train(_cfg("training.steps=2", "training.strategy=mirrored", "training.num_replicas=2"),
                 str(tmp_path / "two"), verbose=0)
     assert one["steps"] == two["steps"] == 2
@@ -70,7 +82,7 @@ def test_mirrored_two_replicas_equal_one_device(tmp_path):
     # catch a gradient summed or averaged the wrong way across replicas.
     np.testing.assert_allclose(two["final_loss"], one["final_loss"], rtol=1e-5)
     np.testing.assert_allclose(two["final_grad_norm"], one["final_grad_norm"], rtol=1e-5)
-    a = _state(str(tmp_path / "one"), _cfg())[0]
+    a = _state(one_dir, _cfg())[0]
     b = _state(str(tmp_path / "two"), _cfg())[0]
     for x, y in zip(a, b):
         # Adam divides by sqrt(v) + eps: summation-order noise in near-zero gradients of
@@ -78,15 +90,15 @@ def test_mirrored_two_replicas_equal_one_device(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
 
 
-def test_pipelined_training_equals_unsplit(tmp_path):
+def test_pipelined_training_equals_unsplit(two_steps, tmp_path):
     """Two stages on two logical CPUs, 2 microbatches, recompute: same loss, gradient
     norm and weights as the one-device run (per-example randomness makes it exact)."""
-    one = train(_cfg("training.steps=2"), str(tmp_path / "one"), verbose=0)
+    one_dir, one = two_steps
     two = train(_cfg("training.steps=2", "pipeline.stages=2", "pipeline.microbatches=2",
                      "pipeline.recompute=true"), str(tmp_path / "two"), verbose=0)
     np.testing.assert_allclose(two["final_loss"], one["final_loss"], rtol=1e-5)
     np.testing.assert_allclose(two["final_grad_norm"], one["final_grad_norm"], rtol=1e-5)
-    a = _state(str(tmp_path / "one"), _cfg())[0]
+    a = _state(one_dir, _cfg())[0]
     b = _state(str(tmp_path / "two"), _cfg())[0]
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)  # Adam: see the mirrored test
