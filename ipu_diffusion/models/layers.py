@@ -323,48 +323,46 @@ class ResAttnBlock(keras.layers.Layer):
         return _resampled(input_shape[0], self.res.resample, self.res.out_channels)
 
 
-class Downsample(keras.layers.Layer):
-    """``[B, H, W, C] -> [B, H/2, W/2, C]``: 3x3 conv with stride 2 (``with_conv``, SAME
-    padding as DDPM) or 2x2 average pooling."""
+class _Resample(keras.layers.Layer):
+    """x2 resampling of ``[B, H, W, C]`` with an optional 3x3 conv (``channels`` kept)."""
+
+    direction = ""
 
     def __init__(self, channels: int, with_conv: bool, name: Optional[str] = None, **kwargs):
         super().__init__(name=name, **kwargs)
         self.channels = channels
-        self.conv = conv(channels, 3, "conv", strides=2) if with_conv else None
+        strides = 2 if self.direction == "down" else 1
+        self.conv = conv(channels, 3, "conv", strides=strides) if with_conv else None
 
     def build(self, input_shape):
         if self.conv is not None:
             build_child(self.conv, (None, None, None, self.channels))
         self.built = True
+
+    def compute_output_shape(self, input_shape):
+        return _resampled(input_shape, self.direction, self.channels)
+
+
+class Downsample(_Resample):
+    """``[B, H, W, C] -> [B, H/2, W/2, C]``: 3x3 conv with stride 2 (``with_conv``, SAME
+    padding as DDPM) or 2x2 average pooling."""
+
+    direction = "down"
 
     @_no_autograph
     def call(self, inputs, training=None):
         return self.conv(inputs) if self.conv is not None else downsample_avg(inputs)
 
-    def compute_output_shape(self, input_shape):
-        return _resampled(input_shape, "down", self.channels)
 
-
-class Upsample(keras.layers.Layer):
+class Upsample(_Resample):
     """``[B, H, W, C] -> [B, 2H, 2W, C]``: nearest x2, then a 3x3 conv if ``with_conv``."""
 
-    def __init__(self, channels: int, with_conv: bool, name: Optional[str] = None, **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.channels = channels
-        self.conv = conv(channels, 3, "conv") if with_conv else None
-
-    def build(self, input_shape):
-        if self.conv is not None:
-            build_child(self.conv, (None, None, None, self.channels))
-        self.built = True
+    direction = "up"
 
     @_no_autograph
     def call(self, inputs, training=None):
         h = upsample_nearest(inputs)
         return self.conv(h) if self.conv is not None else h
-
-    def compute_output_shape(self, input_shape):
-        return _resampled(input_shape, "up", self.channels)
 
 
 class OutBlock(keras.layers.Layer):

@@ -125,13 +125,9 @@ def is_pow2(n: int) -> bool:
 
 
 def _mapping(cfg: RunConfig) -> Tuple[int, ...]:
-    p = cfg.pipeline
-    mapping = tuple(p.device_mapping) or tuple(range(p.stages))
-    if len(mapping) != p.stages:
-        raise ConfigError(f"pipeline.device_mapping: {list(mapping)} has {len(mapping)} entries "
-                          f"but pipeline.stages is {p.stages}")
-    if any(d < 0 for d in mapping):
-        raise ConfigError(f"pipeline.device_mapping: {list(mapping)} has a negative IPU index")
+    from ipu_diffusion.pipeline.partition import device_mapping
+
+    mapping = device_mapping(cfg.pipeline)
     unused = sorted(set(range(max(mapping) + 1)) - set(mapping))
     if unused:
         raise ConfigError(f"pipeline.device_mapping: {list(mapping)} leaves IPU(s) {unused} of "

@@ -228,7 +228,7 @@ def fit_in_chunks(run: Run, stream_from, start: int, total: int, chunk: int, cal
     for begin, end, per_epoch in segments:
         h = run.trainer.fit(stream_from(begin), initial_epoch=begin // per_epoch,
                             epochs=end // per_epoch, steps_per_epoch=per_epoch,
-                            callbacks=callbacks, verbose=verbose)
+                            callbacks=callbacks, verbose=verbose, shuffle=False)
         logs = {k: float(v[-1]) for k, v in h.history.items()}
         if stopped():
             break

@@ -1,0 +1,106 @@
+"""Sampling throughput of the digits U-Net: DDPM (all 1000 steps) vs DDIM 100/50/20/10, and
+the per-step overhead of the compiled sampling loop over a bare forward pass.
+
+    .venv/bin/python benchmarks/sampling.py          # quick: batch 8, DDIM 50 and 10, 3 rounds
+    FULL=1 .venv/bin/python benchmarks/sampling.py   # batch 64, DDIM 100/50/20/10, 5 rounds
+
+Chains are ``diffusion.sampling.sample`` (one compiled ``tf.while_loop`` with the network
+inside; DDIM respaces the 1000-step cosine diffusion uniformly) over
+``training.generate.denoise_fn_for(build_unet(digits))``; the bare forward pass is the
+same ``denoise_fn`` under ``tf.function`` at the same batch. All are measured in
+interleaved rounds; a short chain is called several times per sample so every sample
+takes a comparable time. ``overhead`` = (chain seconds / steps) / forward seconds - 1.
+The network is untrained (sampling cost does not depend on the weights).
+Writes ``results/sampling.json`` and ``results/sampling.png``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import benchlib as bl
+import tensorflow as tf
+
+
+def make_fns(cfg, batch: int, chains: Dict[str, tuple]):
+    """``{name: zero-arg callable}`` for the forward pass and each ``(sampler, steps)`` chain."""
+    from ipu_diffusion.diffusion import sampling
+    from ipu_diffusion.models.unet import build_unet
+    from ipu_diffusion.training.generate import denoise_fn_for
+    from ipu_diffusion.training.objective import make_diffusion
+
+    unet = build_unet(cfg.model, zero_init=False)
+    denoise = denoise_fn_for(unet)
+    diffusion = make_diffusion(cfg.diffusion)
+    m = cfg.model
+    shape = (batch, m.image_size, m.image_size, m.in_channels)
+    x = tf.random.stateless_normal(shape, seed=[0, 1])
+    t = tf.fill([batch], diffusion.num_timesteps // 2)
+    forward = tf.function(denoise)
+    fns = {"forward": lambda: forward(x, t)}
+    for name, (sampler, steps) in chains.items():
+        fns[name] = (lambda s=sampler, k=steps: sampling.sample(
+            diffusion, denoise, shape, sampler=s, steps=k, seed=0))
+    return fns
+
+
+def measure(cfg, batch: int, ddim_steps, rounds: int, target_s: float = 1.0, log=None
+            ) -> Dict[str, object]:
+    T = cfg.diffusion.timesteps
+    chains = {f"ddpm{T}": ("ddpm", T)}
+    chains.update({f"ddim{k}": ("ddim", k) for k in ddim_steps})
+    fns = make_fns(cfg, batch, chains)
+    for fn in fns.values():  # trace once; estimate a call's cost
+        fn()
+    one = {name: bl.seconds_per_call(fn, 1) for name, fn in fns.items()}
+    plan = {}
+    for name, fn in fns.items():  # several calls per sample for short chains
+        calls = max(1, int(round(target_s / max(one[name], 1e-4))))
+        plan[name] = (fn, calls)
+    samples = {k: [] for k in fns}
+    for r in range(rounds):
+        for name, (fn, calls) in plan.items():
+            samples[name].append(bl.seconds_per_call(fn, calls))
+        if log:
+            log(f"  round {r + 1}/{rounds} load {os.getloadavg()[0]:.2f}")
+    fwd = samples["forward"]
+    base = f"ddpm{T}"
+    rows: List[Dict[str, object]] = []
+    for name, (sampler, steps) in chains.items():
+        s = samples[name]
+        rows.append({
+            "name": name, "sampler": sampler, "steps": steps, "batch": batch,
+            "seconds": bl.summary(s), "img_per_s": bl.summary([batch / v for v in s]),
+            "step_s": bl.summary([v / steps for v in s]),
+            "overhead_vs_forward": bl.summary([v / steps / f - 1.0 for v, f in zip(s, fwd)]),
+            f"speedup_vs_{base}": bl.summary([b / v for v, b in zip(s, samples[base])]),
+        })
+        if log:
+            log(f"  {name}: {rows[-1]['img_per_s']['median']:.2f} img/s, step overhead "
+                f"{rows[-1]['overhead_vs_forward']['median']:+.1%}, x"
+                f"{rows[-1][f'speedup_vs_{base}']['median']:.2f} vs {base}")
+    return {"rows": rows, "forward_s": bl.summary(fwd), "batch": batch,
+            "calls_per_sample": {k: v[1] for k, v in plan.items()}}
+
+
+def main() -> Dict[str, object]:
+    full = bl.full_mode()
+    cfg = bl.load("digits")
+    env = bl.environment()
+    batch = 64 if full else 8
+    bl.log(f"sampling: digits, batch {batch}, load {os.getloadavg()[0]:.2f}")
+    res = measure(cfg, batch, (100, 50, 20, 10) if full else (50, 10), rounds=5 if full else 3,
+                  target_s=2.0 if full else 0.5, log=bl.log)
+    env["loadavg_end"] = list(os.getloadavg())
+    payload = {"benchmark": "sampling", "environment": env, "precision": "float32", **res}
+    bl.write_json("sampling", payload)
+    rows = res["rows"]
+    bl.bar_chart(bl.chart_path("sampling"), [r["name"] for r in rows],
+                 [r["img_per_s"]["median"] for r in rows], [r["img_per_s"]["min"] for r in rows],
+                 [r["img_per_s"]["max"] for r in rows], ylabel="images / s",
+                 title=f"digits sampling, batch {batch} (compiled chains)")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
