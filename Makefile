@@ -9,7 +9,7 @@ WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 RESUME_FLAG := $(if $(RESUME),--resume,)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup test test-keras3 test-keras2 lint train sample train-ipu
+.PHONY: setup test test-keras3 test-keras2 lint train sample train-ipu bench
 
 $(STAMP): requirements.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -44,3 +44,8 @@ sample: $(STAMP)
 train-ipu: $(STAMP)
 	$(if $(IPU_MODEL),TF_POPLAR_FLAGS="$$TF_POPLAR_FLAGS --use_ipu_model",) $(PYTHON) -m ipu_diffusion train-ipu --config $(CONFIG) --workdir $(WORKDIR) $(RESUME_FLAG) \
 		$(if $(IPU_MODEL),--set ipu.ipu_model=true,)
+
+# Throughput, MFU, sampling, pipeline-overhead and memory benchmarks: JSON + PNG charts in
+# benchmarks/results/ (quick mode, ~10 minutes on 2 cores; FULL=1 for the long version).
+bench: $(STAMP)
+	FULL=$(FULL) $(PYTHON) benchmarks/run_all.py

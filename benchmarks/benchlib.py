@@ -174,9 +174,10 @@ class TrainStep:
 
     ``build_run`` builds model, optimizer state, EMA and (with ``pipeline.stages > 1``) the
     placed pipeline executor exactly as ``train`` does; ``__call__`` runs one step.
+    ``eager=True`` skips ``tf.function`` (smoke tests: no tracing latency).
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, eager: bool = False):
         from ipu_diffusion.training.run import build_run
 
         self.cfg = cfg
@@ -184,7 +185,8 @@ class TrainStep:
         self.run = build_run(cfg, self._tmp.name)
         trainer = self.run.trainer
         self.batch = synthetic_batch(cfg)
-        self._fn = tf.function(trainer.train_step, jit_compile=bool(cfg.training.jit_compile))
+        self._fn = trainer.train_step if eager else tf.function(
+            trainer.train_step, jit_compile=bool(cfg.training.jit_compile))
         self.params = self.run.unet.count_params()
 
     def __call__(self):

@@ -65,6 +65,30 @@ def setting(run, args, net, cache: str, name: str, sampler: str, steps: int,
     return row
 
 
+def run_groups(run, args, net, cache: str) -> List[Dict[str, object]]:
+    """The settings of the groups in ``--only``; other groups' rows come from ``<out>.json``."""
+    old = []
+    if os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            old = [r for r in json.load(f)["rows"] if r.get("group") not in args.only]
+    rows = []
+    if "cfg" in args.only:  # cfg0 = the null label (unconditional); cfg1 = conditional
+        rows += [dict(setting(run, args, net, cache, f"cfg{s:g}", "ddim", 50, "cfg", s),
+                      group="cfg") for s in args.cfg_scales]
+    if "classifier" in args.only and args.classifier:
+        from ipu_diffusion.training.classifier import load_classifier
+
+        clf, sampler = load_classifier(args.classifier), args.clf_sampler
+        rows += [dict(setting(run, args, net, cache, f"classifier{s:g}_{sampler}", sampler, 50,
+                              "classifier", s, clf), group="classifier")
+                 for s in [0.0] + list(args.clf_scales)]
+    if "solvers" in args.only:  # conditional (scale 1); DDIM 50 is row "cfg1"
+        rows += [dict(setting(run, args, net, cache, f"{sampler}{steps}", sampler, steps, None,
+                              1.0), group="solvers")
+                 for sampler, steps in (("dpm_solver", 20), ("ddim", 20))]
+    return old + rows
+
+
 def plot(rows: List[Dict[str, object]], reference: Dict[str, float], path: str) -> None:
     import matplotlib
 
@@ -73,12 +97,13 @@ def plot(rows: List[Dict[str, object]], reference: Dict[str, float], path: str) 
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for kind, style in (("cfg", "o-"), ("classifier", "s--")):
-        sel = [r for r in rows if r["guidance"] == kind and r["sampler"] == "ddim"]
+        sel = [r for r in rows if r.get("group") == kind]
         if not sel:
             continue
         xs = [r["scale"] for r in sel]
         for ax, key in zip(axes, ("label_agreement", "within_class_var", "fid")):
-            ax.plot(xs, [r[key] for r in sel], style, label=f"{kind} guidance")
+            ax.plot(xs, [r[key] for r in sel], style,
+                    label=f"{kind} guidance ({sel[-1]['sampler']} {sel[-1]['steps']})")
     for ax, key, title in zip(axes, ("label_agreement", "within_class_var", "fid"),
                               ("label agreement (digits CNN)", "within-class feature variance",
                                "FID vs test split (digits CNN)")):
@@ -99,7 +124,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--num", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0])
-    p.add_argument("--clf-scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 10.0])
+    p.add_argument("--clf-scales", type=float, nargs="+", default=[1.0, 3.0, 10.0])
+    p.add_argument("--clf-sampler", default="ddpm", choices=["ddpm", "ddim", "dpm_solver"],
+                   help="sampler for classifier guidance (ddpm: algorithm 1, a mean shift by "
+                   "Sigma grad; ddim: algorithm 2, whose x0_hat shift (1 - a) / sqrt(a) grad "
+                   "explodes at the cosine schedule's last step)")
+    p.add_argument("--only", nargs="+", default=["cfg", "classifier", "solvers"],
+                   help="which groups to (re)run; rows of the others are kept from <out>.json")
     p.add_argument("--out", default="benchmarks/results/guidance_curve")
     args = p.parse_args(argv)
     run, step = _restore(args.workdir)
@@ -111,16 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     feats, _ = net(x_test, verbose=False)
     reference = {"within_class_var": within_class_var(feats, y_test),
                  "label_agreement": float(net.record["test_accuracy"])}
-    rows = [setting(run, args, net, cache, f"cfg{s:g}", "ddim", 50, "cfg", s)
-            for s in args.cfg_scales]
-    if args.classifier:
-        from ipu_diffusion.training.classifier import load_classifier
-
-        clf = load_classifier(args.classifier)
-        rows += [setting(run, args, net, cache, f"classifier{s:g}", "ddim", 50, "classifier", s,
-                         clf) for s in args.clf_scales]
-    for sampler, steps in (("dpm_solver", 20), ("ddim", 20)):  # DDIM 50 is row "cfg1"
-        rows.append(setting(run, args, net, cache, f"{sampler}{steps}", sampler, steps, None, 1.0))
+    rows = run_groups(run, args, net, cache)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"workdir": args.workdir, "checkpoint_step": step, "num": args.num,

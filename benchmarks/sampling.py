@@ -50,13 +50,12 @@ def measure(cfg, batch: int, ddim_steps, rounds: int, target_s: float = 1.0, log
     chains = {f"ddpm{T}": ("ddpm", T)}
     chains.update({f"ddim{k}": ("ddim", k) for k in ddim_steps})
     fns = make_fns(cfg, batch, chains)
-    for fn in fns.values():  # trace once; estimate a call's cost
+    for fn in fns.values():  # trace once
         fn()
-    one = {name: bl.seconds_per_call(fn, 1) for name, fn in fns.items()}
-    plan = {}
-    for name, fn in fns.items():  # several calls per sample for short chains
-        calls = max(1, int(round(target_s / max(one[name], 1e-4))))
-        plan[name] = (fn, calls)
+    forward_s = bl.seconds_per_call(fns["forward"], 5)
+    plan = {"forward": (fns["forward"], max(1, int(round(target_s / forward_s))))}
+    for name, (_, steps) in chains.items():  # several calls per sample for short chains
+        plan[name] = (fns[name], max(1, int(round(target_s / (forward_s * steps)))))
     samples = {k: [] for k in fns}
     for r in range(rounds):
         for name, (fn, calls) in plan.items():

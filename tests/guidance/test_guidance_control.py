@@ -9,7 +9,8 @@ from ipu_diffusion.diffusion.gaussian import GaussianDiffusion
 from ipu_diffusion.diffusion.guidance import GuidanceError
 from ipu_diffusion.diffusion.oracle import gaussian_oracle
 from ipu_diffusion.diffusion.schedules import make_betas
-from ipu_diffusion.training.control import decode, encode, interpolate, reconstruct
+from ipu_diffusion.training.control import (ENCODE_MIN_ALPHA_BAR, decode, encode,
+                                           encoding_timesteps, interpolate, reconstruct)
 
 MU, SD = 0.3, 0.2
 
@@ -23,8 +24,8 @@ def test_reconstruct_round_trip():
     d, oracle = _setup()
     x0 = MU + SD * tf.random.stateless_normal([64, 4, 4, 1], [3, 4]).numpy()
     # DDIM inversion is first order (eps from the previous level, Song et al. 2021 sec. 4.3),
-    # so the round-trip MSE falls like 1/steps^2; measured: 50 steps 2.0e-3, 200 steps
-    # 1.5e-4, 1000 steps 6e-6 (Var(x0) = 0.04)
+    # so the round-trip MSE falls like 1/steps^2; measured (levels up to alpha_bar = 1e-3):
+    # 10 steps 1.9e-2, 50 steps 1.4e-3, 200 steps 1.0e-4 (Var(x0) = 0.04)
     coarse, fine = reconstruct(d, oracle, x0, steps=50), reconstruct(d, oracle, x0, steps=200)
     assert fine["mse"].mean() < 3e-4 and coarse["mse"].mean() < 4e-3
     assert coarse["mse"].mean() > 8 * fine["mse"].mean()
@@ -70,3 +71,13 @@ def test_cli_rejects_unknown_choices(capsys):
     with pytest.raises(SystemExit):
         cli.main(["sample", "--workdir", "W", "--guidance", "magic"])
     assert "invalid choice: 'magic'" in capsys.readouterr().err
+
+
+def test_encoding_stops_where_alpha_bar_is_still_invertible():
+    for schedule, top in (("linear", 824), ("cosine", 978)):
+        d = GaussianDiffusion(make_betas(schedule, 1000))
+        kept = encoding_timesteps(d, 50)
+        assert kept[0] == 0 and kept[-1] == top and len(set(kept)) == 50
+        assert d.alphas_cumprod[top] >= ENCODE_MIN_ALPHA_BAR > d.alphas_cumprod[top + 1]
+    with pytest.raises(GuidanceError, match=r"--steps: must be an integer in \[1, 979\]"):
+        encoding_timesteps(d, 1000)

@@ -1,0 +1,76 @@
+"""Smoke test of the benchmark scripts' measurement helpers on tiny sizes (no timing
+assertions), so benchmarks/ does not rot when the library changes."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                     "benchmarks")
+sys.path.insert(0, BENCH)
+
+import benchlib as bl  # noqa: E402
+from ipu_diffusion._keras import keras  # noqa: E402
+from ipu_diffusion.models import norm  # noqa: E402
+import memory  # noqa: E402
+import pipeline  # noqa: E402
+import roofline  # noqa: E402
+import run_all  # noqa: E402
+import sampling  # noqa: E402
+import train_throughput  # noqa: E402
+
+# A 2-level, 8-channel U-Net on 8x8 images and a 4-step diffusion: seconds to trace.
+TINY = ["model.image_size=8", "model.ch=8", "model.ch_mult=[1,2]", "model.num_groups=4",
+        "model.attn_resolutions=[4]", "diffusion.timesteps=4", "training.batch_size=4"]
+
+
+@pytest.fixture(autouse=True)
+def op_by_op_group_norm():
+    """Keras' GroupNormalization instead of the fused XLA one: no XLA compilation per
+    shape, so the tiny runs below take seconds (the wiring under test is the same)."""
+    norm.set_group_norm_factory(keras.layers.GroupNormalization)
+    yield
+    norm.set_group_norm_factory(None)
+
+
+def test_summary_closed_form():
+    s = bl.summary([1.0, 2.0, 4.0])
+    assert s == {"median": 2.0, "min": 1.0, "max": 4.0, "spread": 1.5, "n": 3}
+
+
+def test_roofline_tiny():
+    res = roofline.measure([32], rounds=1, calls=1)
+    assert set(res["peak_gflops"]) == {"fp32", "bf16"}
+    assert all(r["gflops"]["median"] > 0 for r in res["rows"])
+
+
+def test_flops_counted_from_the_plan():
+    cfg = bl.load("ddpm_cifar10")
+    assert bl.train_flops(cfg.model) == 3 * bl.forward_flops(cfg.model) > 0
+
+
+def test_train_step_pipeline_and_memory_child(tmp_path):
+    label, sets = pipeline.pipe(2, 2)
+    rows = pipeline.measure("digits", 4, [("S1 unsplit", ["pipeline.stages=1"] + TINY),
+                                          (label, list(sets) + TINY)], rounds=1, eager=True)
+    assert [r["stages"] for r in rows] == [1, 2]
+    assert rows[0]["relative"]["median"] == 1.0
+    got = memory.child({"preset": "digits", "batch": 4, "steps": 1, "eager": True,
+                        "sets": TINY + ["pipeline.stages=2", "pipeline.microbatches=2"]})
+    assert len(got["estimate_per_stage"]) == 2 and got["peak_rss_steps"] > 0
+    assert train_throughput.case("digits", 4, "mixed_bfloat16", True)[0] == "digits b4 bf16 xla"
+
+
+def test_sampling_tiny():
+    res = sampling.measure(bl.load("digits", TINY), 2, (2,), rounds=1, target_s=0.0)
+    assert [r["name"] for r in res["rows"]] == ["ddpm4", "ddim2"]
+    assert all(math.isfinite(r["overhead_vs_forward"]["median"]) for r in res["rows"])
+
+
+def test_targets_and_chart_without_results(tmp_path):
+    assert all(t["met"] is None for t in run_all.targets({}))
+    path = bl.bar_chart(str(tmp_path / "c.png"), ["a", "b"], [1.0, 2.0], [0.5, 1.5], [1.5, 2.5])
+    assert os.path.getsize(path) > 0
