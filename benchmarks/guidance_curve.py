@@ -45,6 +45,7 @@ def score(run, images: np.ndarray, labels: np.ndarray, net, cache: str) -> Dict[
     quality = digits_quality(images, run.cfg, cache, labels=labels, verbose=False)
     features, _ = net(images, verbose=False)
     out = {k: float(quality[k]) for k in METRICS}
+    out["floor_fid"] = float(quality["floor_fid"])  # real train vs test images, same count
     out["within_class_var"] = within_class_var(features, labels)
     return out
 
@@ -89,26 +90,31 @@ def run_groups(run, args, net, cache: str) -> List[Dict[str, object]]:
     return old + rows
 
 
+PANELS = (("label_agreement", "label agreement (digits CNN)"),
+          ("within_class_var", "within-class feature variance\n(by requested label)"),
+          ("recall", "recall (diversity)"), ("fid", "FID vs test split (digits CNN)"))
+
+
 def plot(rows: List[Dict[str, object]], reference: Dict[str, float], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    floors = [r["floor_fid"] for r in rows if "floor_fid" in r]
+    reference = dict(reference, **({"fid": floors[0]} if floors else {}))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(16, 3.9))
     for kind, style in (("cfg", "o-"), ("classifier", "s--")):
         sel = [r for r in rows if r.get("group") == kind]
         if not sel:
             continue
         xs = [r["scale"] for r in sel]
-        for ax, key in zip(axes, ("label_agreement", "within_class_var", "fid")):
+        for ax, (key, _) in zip(axes, PANELS):
             ax.plot(xs, [r[key] for r in sel], style,
                     label=f"{kind} guidance ({sel[-1]['sampler']} {sel[-1]['steps']})")
-    for ax, key, title in zip(axes, ("label_agreement", "within_class_var", "fid"),
-                              ("label agreement (digits CNN)", "within-class feature variance",
-                               "FID vs test split (digits CNN)")):
+    for ax, (key, title) in zip(axes, PANELS):
         if key in reference:
-            ax.axhline(reference[key], color="grey", lw=0.8, ls=":", label="real test images")
+            ax.axhline(reference[key], color="grey", lw=0.8, ls=":", label="real images")
         ax.set_xlabel("guidance scale")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
@@ -132,7 +138,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--only", nargs="+", default=["cfg", "classifier", "solvers"],
                    help="which groups to (re)run; rows of the others are kept from <out>.json")
     p.add_argument("--out", default="benchmarks/results/guidance_curve")
+    p.add_argument("--plot-only", action="store_true", help="redraw <out>.png from <out>.json")
     args = p.parse_args(argv)
+    if args.plot_only:
+        with open(args.out + ".json") as f:
+            saved = json.load(f)
+        plot(saved["rows"], saved["reference_real_test"], args.out + ".png")
+        return 0
     run, step = _restore(args.workdir)
     cache = os.path.join(run.workdir, "eval_cache")
     net = load_digits_classifier(run.cfg, cache, verbose=False)

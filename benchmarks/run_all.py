@@ -81,7 +81,7 @@ def headline(res: Dict[str, Optional[dict]]) -> List[List[str]]:
 
     rl = res.get("roofline")
     for r in (rl or {}).get("rows", []):
-        add(f"TF matmul {r['precision']} {r['n']}^2 (GFLOP/s)", r["gflops"], "{:.0f}", rl)
+        add(f"TF {r['label']} (GFLOP/s)", r["gflops"], "{:.0f}", rl)
     tt = res.get("train_throughput")
     for r in (tt or {}).get("rows", []):
         add(f"train {r['label']} (img/s)", r["img_per_s"], "{:.2f}", tt)

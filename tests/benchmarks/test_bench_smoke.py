@@ -42,8 +42,9 @@ def test_summary_closed_form():
 
 
 def test_roofline_tiny():
-    res = roofline.measure([32], rounds=1, calls=1)
+    res = roofline.measure([32], rounds=1, calls=1, conv=((1, 8, 8, 8), 8))
     assert set(res["peak_gflops"]) == {"fp32", "bf16"}
+    assert [r["kind"] for r in res["rows"]].count("conv") == 4
     assert all(r["gflops"]["median"] > 0 for r in res["rows"])
 
 

@@ -39,6 +39,7 @@ def _inputs():
     return x, tf.constant([5, 300, 600, 999]), np.array([0, 1, 2, 1], np.int32)
 
 
+@pytest.mark.keras2  # model code: also under Keras 2 (tf_keras)
 def test_scale_one_is_conditional_and_zero_unconditional_in_one_pass(unet):
     x, t, y = _inputs()
     cond, uncond = unet(x, t, y).numpy(), unet(x, t, np.full(B, K)).numpy()

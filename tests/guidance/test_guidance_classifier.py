@@ -88,6 +88,7 @@ TINY = {
 }
 
 
+@pytest.mark.keras2  # model code: also under Keras 2 (tf_keras)
 def test_classifier_is_the_unet_encoder_with_a_pooling_head():
     cfg = config_from_dict(TINY)
     names = [p.spec.name for p in C.encoder_plans(cfg.model)]

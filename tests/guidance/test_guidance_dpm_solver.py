@@ -54,14 +54,19 @@ def test_converges_to_the_ddim_ode_as_steps_grow():
     assert np.abs(dpm20 - exact).max() < 0.1 * np.abs(ddim20 - exact).max()
 
 
-def test_first_order_is_ddim():
+def test_first_order_is_ddim_also_with_guidance():
     d, oracle, x_T, _ = _setup()
+    cond_fn = lambda x, t: 0.5 * tf.ones_like(x)  # noqa: E731 (score-form guidance, alg. 2)
     for spacing in ("uniform", "logsnr"):
-        kept = solver_timesteps(d, 15, spacing)
-        small = respace(d, kept)
+        small = respace(d, solver_timesteps(d, 15, spacing))
         one = dpm_solver_sample(small, oracle, None, order=1, noise=x_T).numpy()
         ddim = sample(small, oracle, None, sampler="ddim", noise=x_T).numpy()
         np.testing.assert_allclose(one, ddim, atol=2e-5)
+    kw = dict(noise=x_T, clip_denoised=False, cond_fn=cond_fn)
+    guided = dpm_solver_sample(small, oracle, None, order=1, **kw).numpy()
+    np.testing.assert_allclose(guided, sample(small, oracle, None, sampler="ddim", **kw).numpy(),
+                               atol=2e-5)
+    assert guided.mean() > one.mean() + 0.1  # a positive gradient pushes samples up
 
 
 def test_coefficients_first_order_ends_and_final_denoise():
