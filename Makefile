@@ -29,7 +29,7 @@ test-keras2: $(STAMP)
 	TF_USE_LEGACY_KERAS=1 $(PYTHON) -m pytest -q --durations=8 -m keras2 tests
 
 lint: $(STAMP)
-	$(PYTHON) -m vermin --no-tips --violations -t=3.8- ipu_diffusion
+	$(VENV)/bin/vermin --no-tips --violations -t=3.8- ipu_diffusion
 	$(PYTHON) -m compileall -q ipu_diffusion benchmarks tests
 
 # Train CONFIG (default: the embedded digits, a few minutes on a CPU) into WORKDIR.

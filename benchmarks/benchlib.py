@@ -99,15 +99,27 @@ def summary(samples: Sequence[float]) -> Dict[str, float]:
             "spread": (max(xs) - min(xs)) / med if med else 0.0, "n": len(xs)}
 
 
-def seconds_per_call(fn: Callable[[], object], calls: int) -> float:
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def seconds_per_call(fn: Callable[[], object], calls: int, cpu: Optional[List[float]] = None
+                     ) -> float:
     """Wall seconds per call of ``fn`` over ``calls`` calls (results are fetched, so the
-    work has finished when the clock stops)."""
-    began = time.perf_counter()
+    work has finished when the clock stops). ``cpu`` gets this process's CPU seconds
+    per wall second appended: ~2 when the step had both cores of the machine, less when
+    other jobs took them (the noise indicator every result records)."""
+    c0, began = cpu_seconds(), time.perf_counter()
     out = None
     for _ in range(calls):
         out = fn()
     _fetch(out)
-    return (time.perf_counter() - began) / calls
+    wall = time.perf_counter() - began
+    if cpu is not None:
+        cpu.append((cpu_seconds() - c0) / wall)
+    return wall / calls
 
 
 def _fetch(out) -> None:
@@ -117,17 +129,19 @@ def _fetch(out) -> None:
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], rounds: int, calls: int = 1,
-                warmup: int = 1, log: Optional[Callable[[str], None]] = None
-                ) -> Dict[str, List[float]]:
+                warmup: int = 1, log: Optional[Callable[[str], None]] = None,
+                cores: Optional[Dict[str, List[float]]] = None) -> Dict[str, List[float]]:
     """Seconds per call of each ``fns[name]``, ``rounds`` samples each, measured in
-    interleaved rounds (a load burst hits every configuration of a round)."""
+    interleaved rounds (a load burst hits every configuration of a round). ``cores``
+    gets each configuration's CPU-seconds-per-second samples (see seconds_per_call)."""
     for name, fn in fns.items():
         for _ in range(warmup):
             _fetch(fn())
     out: Dict[str, List[float]] = {k: [] for k in fns}
     for r in range(rounds):
         for name, fn in fns.items():
-            out[name].append(seconds_per_call(fn, calls))
+            cpu = cores.setdefault(name, []) if cores is not None else None
+            out[name].append(seconds_per_call(fn, calls, cpu))
         if log:
             log(f"  round {r + 1}/{rounds} load {os.getloadavg()[0]:.2f}")
     return out

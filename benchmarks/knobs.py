@@ -51,14 +51,15 @@ def child(spec: Dict[str, object]) -> Dict[str, object]:
     step = bl.TrainStep(cfg)
     step()
     fns = {"matmul": roofline.matmul_fn(2048, roofline.DTYPES[p]), "step": step}
-    secs = bl.interleaved(fns, int(spec["rounds"]))
+    cores: Dict[str, List[float]] = {}
+    secs = bl.interleaved(fns, int(spec["rounds"]), cores=cores)
     img_s = [cfg.training.batch_size / s for s in secs["step"]]
     peak = [2.0 * 2048 ** 3 / s / 1e9 for s in secs["matmul"]]
     flops = bl.train_flops(cfg.model)
     return {"environment": bl.environment(), "precision": p, "batch": cfg.training.batch_size,
             "img_per_s": bl.summary(img_s), "peak_gflops": bl.summary(peak),
             "mfu": bl.summary([flops * v / 1e9 / k for v, k in zip(img_s, peak)]),
-            "step_s_per_round": secs["step"]}
+            "cores_used": bl.summary(cores["step"]), "step_s_per_round": secs["step"]}
 
 
 def run_variant(name: str, preset: str, batch: int, rounds: int) -> Dict[str, object]:

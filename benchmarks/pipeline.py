@@ -60,14 +60,16 @@ def measure(preset: str, batch: int, selected: Sequence[Case], rounds: int, log=
                        "schedule": cfg.pipeline.schedule, "recompute": cfg.pipeline.recompute,
                        "devices": list(ex.devices) if ex else ["(default)"],
                        "ranges": [list(r) for r in ex.partition.ranges] if ex else None}
-    secs = bl.interleaved(fns, rounds, calls=1, warmup=1, log=log)
+    cores: Dict[str, List[float]] = {}
+    secs = bl.interleaved(fns, rounds, calls=1, warmup=1, log=log, cores=cores)
     base = secs[selected[0][0]]
     rows = []
     for label, _ in selected:
         s = secs[label]
         rows.append({"label": label, "batch": batch, "precision": "float32", **info[label],
                      "step_s": bl.summary(s), "img_per_s": bl.summary([batch / v for v in s]),
-                     "relative": bl.summary([b / v for v, b in zip(s, base)])})
+                     "relative": bl.summary([b / v for v, b in zip(s, base)]),
+                     "cores_used": bl.summary(cores[label])})
         if log:
             log(f"  {label}: {rows[-1]['img_per_s']['median']:.1f} img/s, "
                 f"x{rows[-1]['relative']['median']:.3f} of unsplit")

@@ -71,13 +71,15 @@ def measure(sizes: Sequence[int], rounds: int, calls: int = 2, log=None,
             key = f"conv3x3 {name} {'fwd+bwd' if train else 'fwd'}"
             fns[key] = conv_fn(conv[0], conv[1], dt, train)
             flops[key], kinds[key] = conv_flops(conv[0], conv[1], train), ("conv", name, None)
-    secs = bl.interleaved(fns, rounds, calls=calls, log=log)
+    cores: Dict[str, List[float]] = {}
+    secs = bl.interleaved(fns, rounds, calls=calls, log=log, cores=cores)
     rows: List[Dict[str, object]] = []
     peak = {name: 0.0 for name in DTYPES}
     for key, samples in secs.items():
         kind, name, n = kinds[key]
         row = {"label": key, "kind": kind, "precision": name, "n": n,
-               "gflops": bl.summary([flops[key] / s / 1e9 for s in samples])}
+               "gflops": bl.summary([flops[key] / s / 1e9 for s in samples]),
+               "cores_used": bl.summary(cores[key])}
         if kind == "conv":
             row["shape"], row["cout"] = list(conv[0]), conv[1]
         rows.append(row)

@@ -71,28 +71,35 @@ def targets(res: Dict[str, Optional[dict]]) -> List[Dict[str, object]]:
 
 
 def headline(res: Dict[str, Optional[dict]]) -> List[List[str]]:
-    rows = [["measurement", "median", "spread", "load avg"]]
+    """Rows: measurement, median, spread (max - min) / median over rounds, CPU cores the
+    process got while measuring (2 = the whole machine), load average at start -> end."""
+    rows = [["measurement", "median", "spread", "cores used", "load avg"]]
 
-    def add(name: str, s: Optional[dict], fmt: str, result: Optional[dict]) -> None:
+    def add(name: str, s: Optional[dict], fmt: str, result: Optional[dict],
+            cores: Optional[dict] = None) -> None:
         if s is None:
             return
-        load = (result or {}).get("environment", {}).get("loadavg", [float("nan")])[0]
-        rows.append([name, fmt.format(s["median"]), f"{s['spread']:.0%}", f"{load:.2f}"])
+        env = (result or {}).get("environment", {})
+        load = f"{env.get('loadavg', [0])[0]:.1f} -> {env.get('loadavg_end', [0])[0]:.1f}"
+        rows.append([name, fmt.format(s["median"]), f"{s['spread']:.0%}",
+                     "" if cores is None else f"{cores['median']:.2f}", load])
 
     rl = res.get("roofline")
     for r in (rl or {}).get("rows", []):
-        add(f"TF {r['label']} (GFLOP/s)", r["gflops"], "{:.0f}", rl)
+        add(f"TF {r['label']} (GFLOP/s)", r["gflops"], "{:.0f}", rl, r.get("cores_used"))
     tt = res.get("train_throughput")
     for r in (tt or {}).get("rows", []):
-        add(f"train {r['label']} (img/s)", r["img_per_s"], "{:.2f}", tt)
-        add(f"train {r['label']} MFU", r["mfu"], "{:.1%}", tt)
+        add(f"train {r['label']} (img/s)", r["img_per_s"], "{:.2f}", tt, r.get("cores_used"))
+        add(f"train {r['label']} MFU", r["mfu"], "{:.1%}", tt, r.get("cores_used"))
     sa = res.get("sampling")
     for r in (sa or {}).get("rows", []):
-        add(f"sample {r['name']} b{r['batch']} (img/s)", r["img_per_s"], "{:.2f}", sa)
-        add(f"sample {r['name']} step overhead vs forward", r["overhead_vs_forward"], "{:+.1%}", sa)
+        add(f"sample {r['name']} b{r['batch']} (img/s)", r["img_per_s"], "{:.2f}", sa,
+            r.get("cores_used"))
+        add(f"sample {r['name']} step overhead vs forward", r["overhead_vs_forward"], "{:+.1%}",
+            sa, r.get("cores_used"))
     pl = res.get("pipeline")
     for r in (pl or {}).get("rows", []):
-        add(f"pipeline {r['label']} / unsplit", r["relative"], "{:.3f}", pl)
+        add(f"pipeline {r['label']} / unsplit", r["relative"], "{:.3f}", pl, r.get("cores_used"))
     me = res.get("memory")
     for r in (me or {}).get("rows", []):
         add(f"memory {r['label']} TF peak (MiB; estimate {r['estimate_mib']:.0f})",

@@ -56,10 +56,11 @@ def measure(cfg, batch: int, ddim_steps, rounds: int, target_s: float = 1.0, log
     plan = {"forward": (fns["forward"], max(1, int(round(target_s / forward_s))))}
     for name, (_, steps) in chains.items():  # several calls per sample for short chains
         plan[name] = (fns[name], max(1, int(round(target_s / (forward_s * steps)))))
-    samples = {k: [] for k in fns}
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    cores: Dict[str, List[float]] = {k: [] for k in fns}
     for r in range(rounds):
         for name, (fn, calls) in plan.items():
-            samples[name].append(bl.seconds_per_call(fn, calls))
+            samples[name].append(bl.seconds_per_call(fn, calls, cores[name]))
         if log:
             log(f"  round {r + 1}/{rounds} load {os.getloadavg()[0]:.2f}")
     fwd = samples["forward"]
@@ -73,12 +74,14 @@ def measure(cfg, batch: int, ddim_steps, rounds: int, target_s: float = 1.0, log
             "step_s": bl.summary([v / steps for v in s]),
             "overhead_vs_forward": bl.summary([v / steps / f - 1.0 for v, f in zip(s, fwd)]),
             f"speedup_vs_{base}": bl.summary([b / v for v, b in zip(s, samples[base])]),
+            "cores_used": bl.summary(cores[name]),
         })
         if log:
             log(f"  {name}: {rows[-1]['img_per_s']['median']:.2f} img/s, step overhead "
                 f"{rows[-1]['overhead_vs_forward']['median']:+.1%}, x"
                 f"{rows[-1][f'speedup_vs_{base}']['median']:.2f} vs {base}")
     return {"rows": rows, "forward_s": bl.summary(fwd), "batch": batch,
+            "forward_cores_used": bl.summary(cores["forward"]),
             "calls_per_sample": {k: v[1] for k, v in plan.items()}}
 
 

@@ -63,7 +63,8 @@ def measure_group(group: Sequence[Case], rounds: int, calls: int) -> List[Dict[s
         bl.log(f"  build {c[0]} (load {os.getloadavg()[0]:.2f})")
         built[c[0]] = build(c)
         fns[c[0]] = built[c[0]][1]
-    secs = bl.interleaved(fns, rounds, calls=calls, warmup=1, log=bl.log)
+    cores: Dict[str, List[float]] = {}
+    secs = bl.interleaved(fns, rounds, calls=calls, warmup=1, log=bl.log, cores=cores)
     peak = {p: [2.0 * PEAK_N ** 3 / s / 1e9 for s in secs[f"matmul_{p}"]] for p in roofline.DTYPES}
     rows = []
     for label, preset, batch, precision, xla in group:
@@ -80,6 +81,7 @@ def measure_group(group: Sequence[Case], rounds: int, calls: int) -> List[Dict[s
             "achieved_gflops": bl.summary(gflops), "peak_precision": p,
             "peak_gflops_same_rounds": bl.summary(peak[p]),
             "mfu": bl.summary([g / k for g, k in zip(gflops, peak[p])]),
+            "cores_used": bl.summary(cores[label]),
             "_secs": secs[label],
         })
         bl.log(f"  {label}: {rows[-1]['img_per_s']['median']:.2f} img/s, "

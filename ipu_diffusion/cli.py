@@ -260,9 +260,8 @@ def cmd_train_ipu(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from ipu_diffusion.data import DataError
-    from ipu_diffusion.training.run import Interrupted, RunError
-
     from ipu_diffusion.diffusion.guidance import GuidanceError
+    from ipu_diffusion.training.run import Interrupted, RunError
 
     handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
                 "train-ipu": cmd_train_ipu, "train-classifier": cmd_train_classifier,
