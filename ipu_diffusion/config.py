@@ -403,7 +403,20 @@ def validate(cfg: RunConfig) -> None:
                           "diffusion.var_type 'learned_range'")
     if data.use_labels and m.num_classes == 0:
         raise ConfigError("data.use_labels: true needs model.num_classes > 0")
+    _validate_run_name(cfg.run.name)
     _validate_pipeline(cfg)
+
+
+def _validate_run_name(name: str) -> None:
+    """``run.name`` becomes the directory ``runs/<run.name>`` when no workdir is given, so
+    it must be one plain path component: never empty, ``.``, ``..``, absolute or holding
+    a separator (``../x`` or ``/etc`` would write outside ``runs/``)."""
+    separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if (name.strip() in ("", ".", "..") or any(c in name for c in separators)
+            or any(ord(c) < 32 for c in name)):
+        raise ConfigError(f"run.name: {name!r} must be a plain directory name (no '/', '\\', "
+                          "control characters, '.' or '..'); it names runs/<run.name>. To train "
+                          "elsewhere set run.workdir or pass --workdir")
 
 
 def _validate_pipeline(cfg: RunConfig) -> None:

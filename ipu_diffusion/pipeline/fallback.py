@@ -241,7 +241,10 @@ class PipelineExecutor:
             st.acc[s] = var_grads if acc is None else [a + g for a, g in zip(acc, var_grads)]
         if s > 0:
             st.upstream[(s - 1, m)] = input_grads
-        st.last[self._deps_key(s)] = list(input_grads.values()) + st.acc[s]
+        # The device's next task waits for the gradients this task sends upstream; its
+        # weight gradients may overlap that task (as in an unsplit backward pass). Stage 0
+        # sends nothing, so there the accumulated weight gradients mark the task's end.
+        st.last[self._deps_key(s)] = list(input_grads.values()) or st.acc[s]
 
     # ------------------------------------------------------------------ a step
 

@@ -113,7 +113,7 @@ def load_classifier(directory: str) -> NoiseAwareClassifier:
     model_cfg = config_from_dict({"model": record["model"],
                                   "diffusion": record["diffusion"]}).model
     model = build_classifier_model(model_cfg, int(record["num_classes"]))
-    with np.load(os.path.join(directory, WEIGHTS_FILE)) as f:
+    with np.load(os.path.join(directory, WEIGHTS_FILE), allow_pickle=False) as f:
         weights = [f[f"w{i}"] for i in range(len(f.files))]
     expected = [tuple(w.shape) for w in model.get_weights()]
     if [tuple(w.shape) for w in weights] != expected:

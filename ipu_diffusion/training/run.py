@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
@@ -16,6 +18,11 @@ from ipu_diffusion.training.trainer import DiffusionTrainer, build_optimizer_sta
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
+# A checkpoint holds the weights, their EMA and Adam's two slots: 4 float32 values per
+# parameter. Free space must fit the kept checkpoints plus the one being written, with
+# this margin for index files, TensorBoard and sample grids.
+CHECKPOINT_VALUES_PER_PARAM = 4
+DISK_MARGIN = 1.25
 
 
 class RunError(RuntimeError):
@@ -42,6 +49,7 @@ class Run:
     trainer: DiffusionTrainer
     checkpoint: tf.train.Checkpoint
     manager: tf.train.CheckpointManager
+    restored_from: Optional[str] = None  # the checkpoint restore_latest restored
 
     @property
     def step(self) -> int:
@@ -119,20 +127,94 @@ def _build_model(cfg: RunConfig, objective: DiffusionObjective):
                                  global_batch=cfg.training.batch_size, report_keys=("t",))
 
 
-def restore_latest(run: Run, required: bool) -> int:
-    """Restore the newest complete checkpoint; returns its step (0 when there is none)."""
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def checkpoint_damage(prefix: str) -> Optional[str]:
+    """None when every tensor of the checkpoint at ``prefix`` reads back (the reader
+    checks each tensor's CRC); otherwise what is wrong, in one line."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for key in reader.get_variable_to_shape_map():
+            reader.get_tensor(key)
+    except (tf.errors.OpError, IndexError, ValueError) as e:
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    return None
+
+
+def restore_latest(run: Run, required: bool, log=_log) -> int:
+    """Restore the newest complete checkpoint; returns its step (0 when there is none).
+
+    The manager only records a checkpoint after its files are written, so a killed save
+    is never "latest". A recorded checkpoint whose files are damaged anyway (a truncated
+    or corrupted file, a lost write after a power failure) is skipped with a warning and
+    the previous recorded one is restored; a complete checkpoint that does not fit this
+    model is an error.
+    """
+    directory = os.path.join(run.workdir, CHECKPOINT_DIR)
     latest = run.manager.latest_checkpoint
-    if latest is None:
+    candidates = [latest] if latest else []
+    candidates += [p for p in reversed(run.manager.checkpoints) if p not in candidates]
+    if not candidates:
         if required:
-            raise RunError(f"no checkpoint in {os.path.join(run.workdir, CHECKPOINT_DIR)}; "
+            raise RunError(f"no checkpoint in {directory}; "
                            "train first: python -m ipu_diffusion train --config FILE --workdir DIR")
         return 0
-    try:
-        run.checkpoint.restore(latest).assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
-        raise RunError(f"checkpoint {latest} does not fit this config (different model?): "
-                       f"{str(e).splitlines()[0]}") from None
-    return run.step
+    damaged = []
+    for i, prefix in enumerate(candidates):
+        try:
+            run.checkpoint.restore(prefix).assert_existing_objects_matched()
+            run.restored_from = prefix
+            return run.step
+        except (AssertionError, ValueError, IndexError, tf.errors.OpError) as e:
+            damage = checkpoint_damage(prefix)
+            if damage is None:  # the files are fine: they hold another model
+                raise RunError(f"checkpoint {prefix} does not fit this config (different model?): "
+                               f"{str(e).splitlines()[0]}") from None
+        damaged.append(os.path.basename(prefix))
+        following = candidates[i + 1] if i + 1 < len(candidates) else None
+        log(f"warning: checkpoint {prefix} is damaged ({damage}); "
+            + (f"falling back to {following}" if following else "no older checkpoint is recorded"))
+    raise RunError(f"every recorded checkpoint in {directory} is damaged ({', '.join(damaged)}); "
+                   "restore it from a backup or start a new run in another --workdir")
+
+
+def checkpoint_bytes(run: Run) -> int:
+    """Estimated size of one checkpoint: weights, EMA and 2 Adam slots in float32."""
+    return CHECKPOINT_VALUES_PER_PARAM * 4 * int(run.unet.keras_model.count_params())
+
+
+def _fmt_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024.0
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def check_disk_space(run: Run) -> None:
+    """Refuse to start when the workdir's disk cannot hold ``keep_checkpoints`` + 1
+    checkpoints (the newest is written before the oldest is deleted), counting the
+    checkpoint files already there; RunError names the workdir, free and needed space."""
+    keep = run.cfg.training.keep_checkpoints
+    one = checkpoint_bytes(run)
+    directory = os.path.join(run.workdir, CHECKPOINT_DIR)
+    existing = 0
+    if os.path.isdir(directory):
+        existing = sum(e.stat().st_size for e in os.scandir(directory) if e.is_file())
+    needed = max(int(one * DISK_MARGIN), int((keep + 1) * one * DISK_MARGIN) - existing)
+    free = shutil.disk_usage(run.workdir).free
+    if free < needed:
+        params = one // (CHECKPOINT_VALUES_PER_PARAM * 4)
+        raise RunError(
+            f"workdir {run.workdir}: {_fmt_bytes(free)} free but about {_fmt_bytes(needed)} "
+            f"needed for checkpoints ({keep} kept + 1 being written, {_fmt_bytes(one)} each: "
+            f"weights, EMA and 2 Adam slots of {params:,} float32 parameters, "
+            f"x{DISK_MARGIN} margin); free space, lower training.keep_checkpoints or choose "
+            "another --workdir")
 
 
 def prepare_workdir(cfg: RunConfig, workdir: str, resume: bool) -> None:
@@ -141,7 +223,9 @@ def prepare_workdir(cfg: RunConfig, workdir: str, resume: bool) -> None:
     if not os.access(workdir, os.W_OK):
         raise RunError(f"workdir {workdir} is not writable")
     saved = os.path.join(workdir, CONFIG_FILE)
-    has_ckpt = tf.train.latest_checkpoint(os.path.join(workdir, CHECKPOINT_DIR)) is not None
+    # Any recorded checkpoint counts, even one whose files are gone or damaged.
+    state = tf.train.get_checkpoint_state(os.path.join(workdir, CHECKPOINT_DIR))
+    has_ckpt = state is not None and bool(state.model_checkpoint_path)
     if has_ckpt and not resume:
         raise RunError(f"workdir {workdir} already holds a run; pass --resume to continue it "
                        "or choose another --workdir")
@@ -164,7 +248,10 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
     workdir = workdir or cfg.workdir
     prepare_workdir(cfg, workdir, resume)
     run = build_run(cfg, workdir)
+    check_disk_space(run)
     start = restore_latest(run, required=False)
+    if run.restored_from is not None:
+        _log(f"resumed from {run.restored_from} (step {start})")
     t = cfg.training
 
     def stream_from(step: int):
@@ -192,6 +279,10 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
                           f"checkpoint saved in {os.path.join(workdir, CHECKPOINT_DIR)}. Resume: "
                           f"python -m ipu_diffusion train --workdir {workdir} --resume",
                           guard.signal_received)
+    if run.step >= t.steps and grid.last != run.step \
+            and not os.path.exists(os.path.join(workdir, "samples.png")):
+        grid.set_model(run.trainer)  # killed after the final checkpoint, before the final grid
+        grid.write()
     metrics = {
         "steps": run.step, "resumed_from": start, "wall_time_s": round(wall, 2),
         "img_per_s": round(throughput.img_per_s, 2),
