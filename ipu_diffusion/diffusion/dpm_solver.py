@@ -41,7 +41,8 @@ import tensorflow as tf
 from ipu_diffusion.diffusion.compiled import compiled
 from ipu_diffusion.diffusion.gaussian import GaussianDiffusion, gather_coef
 from ipu_diffusion.diffusion.respace import SPACINGS, respace, space_timesteps
-from ipu_diffusion.diffusion.sampling import Output, _check_return_every, _initial
+from ipu_diffusion.diffusion.sampling import (Output, _check_return_every, _initial,
+                                               guided_x0_eps)
 
 SOLVER_SPACINGS: Tuple[str, ...] = SPACINGS + ("logsnr",)
 ORDERS = (1, 2)
@@ -102,23 +103,6 @@ def solver_coefficients(diffusion: GaussianDiffusion, order: int = 2
     return a, b, c
 
 
-def _guided_x0(diffusion: GaussianDiffusion, model_out: tf.Tensor, x: tf.Tensor, t: tf.Tensor,
-               t_original: tf.Tensor, cond_fn: Optional[Callable], clip: bool) -> tf.Tensor:
-    """x0_hat, float32 ``[B, ...]``; classifier guidance in score form (Dhariwal & Nichol
-    2021, alg. 2): eps_hat -= sqrt(1 - alpha_bar_t) grad, then x0_hat from eps_hat,
-    clipped again with ``clip`` (static thresholding of the guided data prediction, Lu et
-    al. 2022 sec. 5): the guidance moves x0_hat by (1 - alpha_bar_t) / sqrt(alpha_bar_t)
-    grad, which is ~2e4 grad at the cosine schedule's last step (alpha_bar = 2.4e-9)."""
-    mean_part, _ = diffusion.split_model_output(model_out)
-    x0, eps = diffusion.predict_x0_eps(mean_part, x, t, clip)
-    if cond_fn is None:
-        return x0
-    eps = eps - (diffusion.coef("sqrt_one_minus_alphas_cumprod", t, x)
-                 * tf.cast(cond_fn(x, t_original), tf.float32))
-    x0 = tf.cast(diffusion.predict_x0_from_eps(tf.cast(x, tf.float32), t, eps), tf.float32)
-    return tf.clip_by_value(x0, -1.0, 1.0) if clip else x0
-
-
 def _solver_chain(diffusion: GaussianDiffusion, denoise_fn: Callable, cond_fn: Optional[Callable],
                   clip: bool, return_every: int, order: int) -> Callable:
     N = diffusion.num_timesteps
@@ -133,7 +117,8 @@ def _solver_chain(diffusion: GaussianDiffusion, denoise_fn: Callable, cond_fn: O
         def body(i, x, x0_prev, *arrays):
             t = tf.fill(tf.shape(x)[:1], N - 1 - i)
             t_original = tf.gather(tmap, t)
-            x0 = _guided_x0(diffusion, denoise_fn(x, t_original), x, t, t_original, cond_fn, clip)
+            x0 = guided_x0_eps(diffusion, denoise_fn(x, t_original), x, t, t_original, cond_fn,
+                               clip)[0]
             steps = tf.fill(tf.shape(x)[:1], i)
             d = x0 + gather_coef(c, steps, x) * (x0 - x0_prev)  # D_i (alg. 2)
             x_next = gather_coef(a, steps, x) * tf.cast(x, tf.float32) + gather_coef(b, steps, x) * d

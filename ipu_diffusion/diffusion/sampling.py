@@ -156,6 +156,32 @@ def ddpm_sample(diffusion: GaussianDiffusion, denoise_fn: Callable, shape: Optio
 # ----------------------------------------------------------------------------- DDIM
 
 
+def guided_x0_eps(diffusion: GaussianDiffusion, model_out: tf.Tensor, x: tf.Tensor, t: tf.Tensor,
+                  t_original: tf.Tensor, cond_fn: Optional[Callable], clip: bool
+                  ) -> Tuple[tf.Tensor, tf.Tensor]:
+    """float32 (x0_hat, eps_hat) ``[B, ...]`` of a DDIM-type step, with classifier guidance
+    in score form (Dhariwal & Nichol 2021, alg. 2): eps_hat -= sqrt(1 - alpha_bar_t) grad.
+
+    With ``clip`` the guided x0_hat is clipped to [-1, 1] again and eps_hat recomputed from
+    it (static thresholding of the guided data prediction, Lu et al. 2022 sec. 5). The
+    guidance moves x0_hat by (1 - alpha_bar_t) / sqrt(alpha_bar_t) grad, ~2e4 grad at the
+    cosine schedule's last step (alpha_bar = 2.4e-9), and unclipped that step throws the
+    chain far outside the data range.
+    """
+    mean_part, _ = diffusion.split_model_output(model_out)
+    x0, eps = diffusion.predict_x0_eps(mean_part, x, t, clip)
+    if cond_fn is None:
+        return x0, eps
+    x32 = tf.cast(x, tf.float32)
+    eps = eps - (diffusion.coef("sqrt_one_minus_alphas_cumprod", t, x)
+                 * tf.cast(cond_fn(x, t_original), tf.float32))
+    x0 = tf.cast(diffusion.predict_x0_from_eps(x32, t, eps), tf.float32)
+    if clip:
+        x0 = tf.clip_by_value(x0, -1.0, 1.0)
+        eps = tf.cast(diffusion.predict_eps_from_x0(x32, t, x0), tf.float32)
+    return x0, eps
+
+
 def _ddim_chain(diffusion: GaussianDiffusion, denoise_fn: Callable, cond_fn: Optional[Callable],
                 clip_denoised: bool, return_every: int) -> Callable:
     N = diffusion.num_timesteps
@@ -168,12 +194,8 @@ def _ddim_chain(diffusion: GaussianDiffusion, denoise_fn: Callable, cond_fn: Opt
             index = N - 1 - i
             t = tf.fill(tf.shape(x)[:1], index)
             t_original = tf.gather(tmap, t)
-            out = diffusion.p_mean_variance(denoise_fn(x, t_original), x, t, clip_denoised)
-            eps, x0 = tf.cast(out["pred_eps"], tf.float32), tf.cast(out["pred_x0"], tf.float32)
-            if cond_fn is not None:  # Dhariwal & Nichol 2021, algorithm 2
-                eps = eps - (diffusion.coef("sqrt_one_minus_alphas_cumprod", t, x)
-                             * tf.cast(cond_fn(x, t_original), tf.float32))
-                x0 = diffusion.predict_x0_from_eps(tf.cast(x, tf.float32), t, eps)
+            x0, eps = guided_x0_eps(diffusion, denoise_fn(x, t_original), x, t, t_original,
+                                    cond_fn, clip_denoised)
             ab_prev = diffusion.coef("alphas_cumprod_prev", t, x)
             sigma = eta * gather_coef(sigma_at_eta1, t, x)  # eq. 16; 0 at the last step
             direction = tf.sqrt(tf.maximum(1.0 - ab_prev - tf.square(sigma), 0.0)) * eps

@@ -19,7 +19,7 @@ from ipu_diffusion.config import config_from_dict
 from ipu_diffusion.diffusion.gaussian import GaussianDiffusion
 from ipu_diffusion.diffusion.guidance import (GuidanceError, classifier_cond_fn,
                                               classifier_log_prob_grad)
-from ipu_diffusion.diffusion.sampling import sample
+from ipu_diffusion.diffusion.sampling import guided_x0_eps, sample
 from ipu_diffusion.diffusion.schedules import make_betas
 from ipu_diffusion.models.unet import build_unet
 from ipu_diffusion.training import classifier as C
@@ -43,6 +43,25 @@ def test_gradient_matches_closed_form_sign_and_scale():
         assert np.all(np.sign(grad @ (MEANS[y] - MEANS[1 - y])) > 0)
         scaled = classifier_cond_fn(class_logits(d), labels, 2.5)(x, t).numpy()
         np.testing.assert_allclose(scaled, 2.5 * grad, rtol=1e-5, atol=1e-6)
+
+
+def test_guided_step_stays_in_range_and_consistent_at_tiny_alpha_bar():
+    # cosine T = 1000: alpha_bar at the last step is ~2.4e-9, where the score-form shift of
+    # x0_hat is (1 - alpha_bar) / sqrt(alpha_bar) ~ 2e4 times the gradient
+    d = GaussianDiffusion(make_betas("cosine", 1000), var_type="fixed_small")
+    x = tf.random.stateless_normal([4, 3], [0, 2])
+    t = tf.fill([4], 999)
+    eps_model = tf.random.stateless_normal([4, 3], [0, 3])
+    grad = lambda x_t, t_orig: tf.ones_like(x_t)  # noqa: E731 (a constant unit gradient)
+    x0, eps = guided_x0_eps(d, eps_model, x, t, t, grad, clip=True)
+    ab = d.alphas_cumprod[999]
+    assert np.all(np.abs(x0.numpy()) <= 1.0)
+    np.testing.assert_allclose(np.sqrt(ab) * x0.numpy() + np.sqrt(1 - ab) * eps.numpy(),
+                               x.numpy(), atol=1e-5)  # the pair still reproduces x_t
+    x0_free, _ = guided_x0_eps(d, eps_model, x, t, t, grad, clip=False)
+    # unclipped, a unit gradient moves x0_hat by ~+2e4 (float32 cancellation in x_t -
+    # sqrt(1 - alpha_bar) eps adds noise of the same order)
+    assert np.abs(x0_free.numpy()).min() > 1e3
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddim", 50), ("ddpm", 100), ("dpm_solver", 20)])
