@@ -1,5 +1,5 @@
-"""Command line: ``python -m ipu_diffusion {train,sample,eval,train-classifier,reconstruct,
-interpolate} ...``.
+"""Command line: ``python -m ipu_diffusion {train,sample,eval,train-ipu,train-classifier,
+reconstruct,interpolate,bench} ...``.
 
 Errors the user can fix (config, data, run directory) print one line and exit with
 status 2; they never show a traceback.
@@ -64,6 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     for action in t._actions[1:]:  # the same flags as train
         i._add_action(action)
     _control_parsers(sub)
+
+    b = sub.add_parser("bench", help="throughput, MFU, sampling, pipeline and memory "
+                       "benchmarks (benchmarks/run_all.py of a source checkout): JSON and PNG "
+                       "charts in benchmarks/results/")
+    b.add_argument("--full", action="store_true", help="the long version (default: quick, "
+                   "~10 minutes on 2 cores)")
+    b.add_argument("--only", default="", help="comma-separated subset, e.g. sampling,memory")
+    b.add_argument("--summary-only", action="store_true",
+                   help="re-check the targets from existing results")
     return p
 
 
@@ -257,6 +266,20 @@ def cmd_train_ipu(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "run_all.py")
+    if not os.path.isfile(script):
+        raise ConfigError(f"bench: {script} not found; the benchmarks ship with the source "
+                          "checkout, not with the installed package")
+    cmd = [sys.executable, script] + (["--only", args.only] if args.only else []) + \
+        (["--summary-only"] if args.summary_only else [])
+    env = dict(os.environ, FULL="1" if args.full else "")
+    return subprocess.call(cmd, env=env)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from ipu_diffusion.data import DataError
@@ -265,7 +288,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
                 "train-ipu": cmd_train_ipu, "train-classifier": cmd_train_classifier,
-                "reconstruct": cmd_reconstruct, "interpolate": cmd_interpolate}
+                "reconstruct": cmd_reconstruct, "interpolate": cmd_interpolate,
+                "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, RunError, GuidanceError) as e:
