@@ -9,7 +9,7 @@ WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 RESUME_FLAG := $(if $(RESUME),--resume,)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup test test-keras3 test-keras2 lint train sample train-ipu bench
+.PHONY: setup test test-keras3 test-keras2 lint soak train sample train-ipu bench bench-diffusers
 
 $(STAMP): requirements.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -32,6 +32,15 @@ lint: $(STAMP)
 	$(VENV)/bin/vermin --no-tips --violations -t=3.8- ipu_diffusion
 	$(PYTHON) -m compileall -q ipu_diffusion benchmarks tests
 
+# Fault injection at length: SIGKILL training at SOAK_KILLS seeded random moments (some
+# inside checkpoint saves), resume each time, and check the result equals an
+# uninterrupted run bit for bit (the test suite does 5 kills; 50 take ~10 min on 2 cores).
+SOAK_KILLS ?= 50
+SOAK_SEED ?= 0
+soak: $(STAMP)
+	SOAK_KILLS=$(SOAK_KILLS) SOAK_SEED=$(SOAK_SEED) $(PYTHON) -m pytest -q -s -p no:cacheprovider \
+		tests/training/test_reliability.py -k sigkill
+
 # Train CONFIG (default: the embedded digits, a few minutes on a CPU) into WORKDIR.
 train: $(STAMP)
 	$(PYTHON) -m ipu_diffusion train --config $(CONFIG) --workdir $(WORKDIR) $(RESUME_FLAG)
@@ -49,3 +58,27 @@ train-ipu: $(STAMP)
 # benchmarks/results/ (quick mode, ~10 minutes on 2 cores; FULL=1 for the long version).
 bench: $(STAMP)
 	FULL=$(FULL) $(PYTHON) benchmarks/run_all.py
+
+# Baseline: Hugging Face diffusers (PyTorch) on the same digits, CPU and wall time, scored by
+# our own digits evaluation. PyTorch lives in its own venv, .venv-torch (not in
+# requirements.txt): train + sample there, score under .venv. DIFFUSERS_SECONDS defaults to
+# the README's make-train training time; DIFFUSERS_ARGS passes more options to the train
+# step (e.g. --beta-schedule squaredcos_cap_v2 --lr 1e-3, or --cpu-seconds 918).
+TORCH_VENV := .venv-torch
+TORCH_STAMP := $(TORCH_VENV)/.installed
+DIFFUSERS_SECONDS ?= 878
+DIFFUSERS_SAMPLES ?= 1000
+DIFFUSERS_ARGS ?=
+DIFFUSERS_NPZ ?= benchmarks/results/diffusers_digits.npz
+DIFFUSERS_JSON ?= benchmarks/results/diffusers_baseline.json
+
+$(TORCH_STAMP):
+	@test -x $(TORCH_VENV)/bin/python || $(PY) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(TORCH_VENV)/bin/python -m pip install --quiet diffusers numpy scikit-learn
+	@touch $(TORCH_STAMP)
+
+bench-diffusers: $(STAMP) $(TORCH_STAMP)
+	$(TORCH_VENV)/bin/python benchmarks/diffusers_baseline.py train --seconds $(DIFFUSERS_SECONDS) \
+		--num-samples $(DIFFUSERS_SAMPLES) --out $(DIFFUSERS_NPZ) $(DIFFUSERS_ARGS)
+	$(PYTHON) benchmarks/diffusers_baseline.py score --samples $(DIFFUSERS_NPZ) --out $(DIFFUSERS_JSON)

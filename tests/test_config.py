@@ -1,6 +1,7 @@
 """Strict config loading: every bad value names its key path, overrides, round trip."""
 import glob
 import os
+import re
 
 import pytest
 
@@ -75,3 +76,54 @@ def test_base_inheritance_merges_sections(tmp_path):
     (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml"):
         load_config(str(tmp_path / "orphan.yaml"))
+
+
+@pytest.mark.parametrize("name", ["../x", "../../etc", "/tmp/x", "a/b", "a\\b", "..", ".", "",
+                                  " ", "a\nb"])
+def test_run_name_cannot_leave_the_runs_directory(name):
+    with pytest.raises(ConfigError, match=r"^run\.name: .* must be a plain directory name"):
+        config_from_dict({"run": {"name": name}})
+
+
+@pytest.mark.parametrize("name", ["digits", "my run", "..x", "x..", "ünïcode"])
+def test_default_workdir_stays_under_runs(name):
+    workdir = config_from_dict({"run": {"name": name}}).workdir
+    runs = os.path.abspath("runs")
+    assert os.path.dirname(os.path.abspath(workdir)) == runs
+
+
+def test_config_derived_cache_names_stay_in_the_cache_directory():
+    """The other config strings that reach a written file name (data.path's basename,
+    data.tfds_name) name reference-statistics caches; cache_stem flattens them."""
+    from ipu_diffusion.evaluation.reference import cache_stem
+
+    for name in ["../../etc/passwd", "/abs/x", "..", "a\\..\\b", "x/../../y"]:
+        stem = cache_stem("/w/eval_cache", name, "net")
+        assert os.path.dirname(stem) == "/w/eval_cache" and "/" not in os.path.basename(stem)
+
+
+# Patterns that could load or run untrusted code; the package must use none of them.
+UNSAFE = {
+    r"\bpickle\b|\bcPickle\b|\bdill\b|\bjoblib\b|\bshelve\b|\bmarshal\b": "pickle-like loaders",
+    r"yaml\.(load|load_all|full_load|unsafe_load|unsafe_load_all)\(|yaml\.(Unsafe|Full)?Loader\b":
+        "YAML outside safe_load",
+    r"allow_pickle\s*=\s*True": "np.load with allow_pickle=True",
+    r"(?<![\w.])(eval|exec)\(": "eval/exec",
+    r"safe_mode\s*=\s*False": "Keras unsafe deserialisation",
+}
+
+
+def test_package_source_has_no_unsafe_loading():
+    found, np_loads = [], 0
+    for path in sorted(glob.glob(os.path.join(ROOT, "ipu_diffusion", "**", "*.py"), recursive=True)):
+        text = open(path, encoding="utf-8").read()
+        rel = os.path.relpath(path, ROOT)
+        for pattern, what in UNSAFE.items():
+            found += [f"{rel}: {what}: {m.group(0)}" for m in re.finditer(pattern, text)]
+        # every np.load says allow_pickle=False explicitly
+        for m in re.finditer(r"np\.load\((?:[^()]|\([^()]*\))*\)", text):
+            np_loads += 1
+            if "allow_pickle=False" not in m.group(0):
+                found.append(f"{rel}: np.load without allow_pickle=False: {m.group(0)}")
+    assert not found, "\n".join(found)
+    assert np_loads >= 4  # the check sees the real calls (data, caches, classifier)

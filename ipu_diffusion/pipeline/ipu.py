@@ -472,6 +472,7 @@ def train(run_config: RunConfig, workdir: Optional[str] = None, resume: bool = F
     ipu_plan(cfg, system_ipus=system_ipus)  # config errors before any device work
     run_lib.prepare_workdir(cfg, workdir, resume)
     run, plan = build_ipu_run(cfg, workdir, system_ipus)
+    run_lib.check_disk_space(run)
     print(describe(plan))
     start = run_lib.restore_latest(run, required=False)
     use_labels = bool(run.objective.num_classes)

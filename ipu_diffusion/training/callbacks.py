@@ -34,8 +34,13 @@ class _Every:
 class CheckpointCallback(keras.callbacks.Callback):
     """Save through a ``tf.train.CheckpointManager`` every ``every`` steps and at the end.
 
-    The manager writes the data files first and then replaces its index file
-    atomically, so an interrupted save never becomes the "latest" checkpoint.
+    The manager writes a checkpoint's shard into ``ckpt-N_temp/``, renames it to
+    ``ckpt-N.data-*``, writes ``ckpt-N.index``, and only then records ``ckpt-N`` in the
+    ``checkpoint`` state file, which it replaces atomically (temporary file + rename). A
+    save killed at any point therefore leaves the previous checkpoint as the newest
+    recorded one; ``run.restore_latest`` reads only recorded checkpoints and falls back
+    past a recorded one whose files are damaged anyway. ``tests/training/
+    test_reliability.py`` SIGKILLs training, also inside saves, and checks both.
     """
 
     def __init__(self, manager: tf.train.CheckpointManager, every: int):

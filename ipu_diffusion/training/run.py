@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -218,7 +219,8 @@ def check_disk_space(run: Run) -> None:
 
 
 def prepare_workdir(cfg: RunConfig, workdir: str, resume: bool) -> None:
-    """Create the workdir; refuse to mix runs; write the resolved config."""
+    """Create the workdir; refuse to mix runs; write the resolved config; remove what
+    interrupted saves left behind."""
     os.makedirs(workdir, exist_ok=True)
     if not os.access(workdir, os.W_OK):
         raise RunError(f"workdir {workdir} is not writable")
@@ -235,6 +237,26 @@ def prepare_workdir(cfg: RunConfig, workdir: str, resume: bool) -> None:
             raise RunError(f"workdir {workdir} holds a run with a different model config; "
                            "resume it with its own config (omit --config) or use a new --workdir")
     save_config(cfg, saved)
+    remove_interrupted_saves(workdir)
+
+
+def remove_interrupted_saves(workdir: str, log=_log) -> None:
+    """Delete the ``ckpt-N_temp/`` directories of saves that were killed mid-write.
+
+    TensorFlow writes a shard there and removes the directory after renaming the shard,
+    but only when it is empty, and a killed write leaves a temporary file in it for good.
+    Nothing ever reads these (only recorded checkpoints are restored); they only hold
+    disk space, up to a checkpoint each. One trainer owns a workdir, so at start-up no
+    save is in progress.
+    """
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if re.fullmatch(r"ckpt-\d+_temp", name) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path}, left by an interrupted checkpoint save")
 
 
 def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
