@@ -4,6 +4,9 @@ and classifier guidance (Dhariwal & Nichol 2021), plus DPM-Solver++ vs DDIM.
 
     python benchmarks/guidance_curve.py --workdir runs/digits_cond \
         --classifier runs/digits_cond/classifier --num 500
+    python benchmarks/guidance_curve.py --workdir runs/digits_cond \
+        --classifier runs/digits_cond/classifier --num 300 --fresh \
+        --settings cfg0,cfg1,cfg3,classifier3_ddim,classifier3_ddpm,dpm_solver20
 
 For each setting it samples ``--num`` images with the labels 0..9 cycled and scores them
 with the digits classifier (evaluation/digits_classifier.py): ``label_agreement`` (its
@@ -66,27 +69,55 @@ def setting(run, args, net, cache: str, name: str, sampler: str, steps: int,
     return row
 
 
-def run_groups(run, args, net, cache: str) -> List[Dict[str, object]]:
-    """The settings of the groups in ``--only``; other groups' rows come from ``<out>.json``."""
-    old = []
-    if os.path.exists(args.out + ".json"):
-        with open(args.out + ".json") as f:
-            old = [r for r in json.load(f)["rows"] if r.get("group") not in args.only]
-    rows = []
+def plan(args) -> List[Dict[str, object]]:
+    """Every setting of the groups in ``--only`` (name, group, sampler, steps, guidance,
+    scale), restricted to the names in ``--settings`` when given."""
+    out = []
     if "cfg" in args.only:  # cfg0 = the null label (unconditional); cfg1 = conditional
-        rows += [dict(setting(run, args, net, cache, f"cfg{s:g}", "ddim", 50, "cfg", s),
-                      group="cfg") for s in args.cfg_scales]
+        out += [dict(name=f"cfg{s:g}", group="cfg", sampler="ddim", steps=50, guidance="cfg",
+                     scale=s) for s in args.cfg_scales]
     if "classifier" in args.only and args.classifier:
+        out += [dict(name=f"classifier{s:g}_{sampler}", group="classifier", sampler=sampler,
+                     steps=50, guidance="classifier", scale=s)
+                for sampler in args.clf_sampler for s in [0.0] + list(args.clf_scales)]
+    if "solvers" in args.only:  # conditional (scale 1); DDIM 50 is row "cfg1"
+        out += [dict(name=f"{sampler}{steps}", group="solvers", sampler=sampler, steps=steps,
+                     guidance=None, scale=1.0)
+                for sampler, steps in (("dpm_solver", 20), ("ddim", 20))]
+    if args.settings:
+        wanted = [n.strip() for n in args.settings.split(",") if n.strip()]
+        unknown = sorted(set(wanted) - {s["name"] for s in out})
+        if unknown:
+            raise SystemExit(f"--settings: unknown {', '.join(unknown)}; with these --only/"
+                             f"--*-scales/--clf-sampler the settings are "
+                             f"{', '.join(s['name'] for s in out)}")
+        out = [s for s in out if s["name"] in wanted]
+    return out
+
+
+def run_groups(run, args, net, cache: str) -> List[Dict[str, object]]:
+    """The planned settings (:func:`plan`) plus the rows of ``<out>.json`` not re-run:
+    with ``--settings`` every row of another name, else the other groups' rows; with
+    ``--fresh`` none."""
+    todo = plan(args)
+    old = []
+    if os.path.exists(args.out + ".json") and not args.fresh:
+        names = {s["name"] for s in todo}
+        with open(args.out + ".json") as f:
+            old = [r for r in json.load(f)["rows"]
+                   if r["name"] not in names
+                   and (args.settings or r.get("group") not in args.only)]
+    clf = None
+    if any(s["guidance"] == "classifier" for s in todo):
         from ipu_diffusion.training.classifier import load_classifier
 
-        clf, sampler = load_classifier(args.classifier), args.clf_sampler
-        rows += [dict(setting(run, args, net, cache, f"classifier{s:g}_{sampler}", sampler, 50,
-                              "classifier", s, clf), group="classifier")
-                 for s in [0.0] + list(args.clf_scales)]
-    if "solvers" in args.only:  # conditional (scale 1); DDIM 50 is row "cfg1"
-        rows += [dict(setting(run, args, net, cache, f"{sampler}{steps}", sampler, steps, None,
-                              1.0), group="solvers")
-                 for sampler, steps in (("dpm_solver", 20), ("ddim", 20))]
+        clf = load_classifier(args.classifier)
+    rows = []
+    for s in todo:
+        rows.append(dict(setting(run, args, net, cache, s["name"], s["sampler"], s["steps"],
+                                 s["guidance"], s["scale"],
+                                 clf if s["guidance"] == "classifier" else None),
+                         group=s["group"]))
     return old + rows
 
 
@@ -104,14 +135,17 @@ def plot(rows: List[Dict[str, object]], reference: Dict[str, float], path: str) 
     floors = [r["floor_fid"] for r in rows if "floor_fid" in r]
     reference = dict(reference, **({"fid": floors[0]} if floors else {}))
     fig, axes = plt.subplots(1, len(PANELS), figsize=(16, 3.9))
-    for kind, style in (("cfg", "o-"), ("classifier", "s--")):
-        sel = [r for r in rows if r.get("group") == kind]
+    curves = [("cfg", "ddim", "o-"), ("classifier", "ddim", "s--"),
+              ("classifier", "ddpm", "^-."), ("classifier", "dpm_solver", "d:")]
+    for kind, sampler, style in curves:
+        sel = sorted((r for r in rows if r.get("group") == kind and r["sampler"] == sampler),
+                     key=lambda r: r["scale"])
         if not sel:
             continue
         xs = [r["scale"] for r in sel]
         for ax, (key, _) in zip(axes, PANELS):
             ax.plot(xs, [r[key] for r in sel], style,
-                    label=f"{kind} guidance ({sel[-1]['sampler']} {sel[-1]['steps']})")
+                    label=f"{kind} guidance ({sampler} {sel[-1]['steps']})")
     for ax, (key, title) in zip(axes, PANELS):
         if key in reference:
             ax.axhline(reference[key], color="grey", lw=0.8, ls=":", label="real images")
@@ -131,12 +165,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0])
     p.add_argument("--clf-scales", type=float, nargs="+", default=[1.0, 3.0, 10.0])
-    p.add_argument("--clf-sampler", default="ddpm", choices=["ddpm", "ddim", "dpm_solver"],
-                   help="sampler for classifier guidance (ddpm: algorithm 1, a mean shift by "
-                   "Sigma grad; ddim: algorithm 2, whose x0_hat shift (1 - a) / sqrt(a) grad "
-                   "explodes at the cosine schedule's last step)")
+    p.add_argument("--clf-sampler", nargs="+", default=["ddim", "ddpm"],
+                   choices=["ddpm", "ddim", "dpm_solver"],
+                   help="samplers for classifier guidance, 50 steps each (ddpm: algorithm 1, "
+                   "a mean shift by Sigma grad; ddim: algorithm 2, score form, with the "
+                   "guided x0_hat clipped to [-1, 1]); rows are named classifier<scale>_<sampler>")
     p.add_argument("--only", nargs="+", default=["cfg", "classifier", "solvers"],
                    help="which groups to (re)run; rows of the others are kept from <out>.json")
+    p.add_argument("--settings", default="",
+                   help="comma-separated setting names to run (e.g. cfg1,classifier3_ddim,"
+                   "dpm_solver20); default: every setting of the --only groups")
+    p.add_argument("--fresh", action="store_true",
+                   help="drop the rows of an existing <out>.json instead of keeping the others")
     p.add_argument("--out", default="benchmarks/results/guidance_curve")
     p.add_argument("--plot-only", action="store_true", help="redraw <out>.png from <out>.json")
     args = p.parse_args(argv)
