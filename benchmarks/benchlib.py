@@ -30,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from machine import cpu_model, cpu_seconds  # noqa: E402,F401 (re-exported)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CONFIGS = os.path.join(ROOT, "pipeline_configs")
@@ -43,17 +44,6 @@ def full_mode() -> bool:
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_flags(wanted: Iterable[str] = ("avx2", "avx512f", "avx512_bf16", "amx_bf16",
@@ -97,12 +87,6 @@ def summary(samples: Sequence[float]) -> Dict[str, float]:
     med = statistics.median(xs)
     return {"median": med, "min": min(xs), "max": max(xs),
             "spread": (max(xs) - min(xs)) / med if med else 0.0, "n": len(xs)}
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process so far (all threads)."""
-    t = os.times()
-    return t.user + t.system
 
 
 def seconds_per_call(fn: Callable[[], object], calls: int, cpu: Optional[List[float]] = None

@@ -63,6 +63,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from machine import cpu_model, cpu_seconds  # benchmarks/machine.py: no TF, no torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 DEFAULT_SAMPLES = os.path.join(RESULTS, "diffusers_digits.npz")
@@ -119,22 +121,6 @@ def dataset_identity(images: np.ndarray) -> str:
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def _write_json(path: str, data: Dict[str, Any]) -> None:
