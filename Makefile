@@ -9,7 +9,8 @@ WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 RESUME_FLAG := $(if $(RESUME),--resume,)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup test test-keras3 test-keras2 lint soak train sample train-ipu bench bench-diffusers
+.PHONY: setup test test-keras3 test-keras2 lint soak train sample train-ipu bench bench-diffusers \
+	bench-torch
 
 $(STAMP): requirements.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -82,3 +83,16 @@ bench-diffusers: $(STAMP) $(TORCH_STAMP)
 	$(TORCH_VENV)/bin/python benchmarks/diffusers_baseline.py train --seconds $(DIFFUSERS_SECONDS) \
 		--num-samples $(DIFFUSERS_SAMPLES) --out $(DIFFUSERS_NPZ) $(DIFFUSERS_ARGS)
 	$(PYTHON) benchmarks/diffusers_baseline.py score --samples $(DIFFUSERS_NPZ) --out $(DIFFUSERS_JSON)
+
+# Baseline: the ddpm_cifar10 training step (batch 16, fp32 and autocast bf16) in PyTorch
+# with diffusers' UNet2DModel (google/ddpm-cifar10-32's config, 35,746,307 parameters), img/s
+# and MFU measured like train_throughput.py's cifar rows (same FLOP count, interleaved with
+# torch matmuls). Under .venv-torch only, no TensorFlow. Writes
+# benchmarks/results/$(TORCH_BENCH_OUT).json; TORCH_BENCH_ARGS passes more options
+# (e.g. --rounds 9, --compare-layouts, --threads 1, --omp-wait-policy passive).
+TORCH_BENCH_OUT ?= torch_cifar_step
+TORCH_BENCH_ARGS ?=
+
+bench-torch: $(TORCH_STAMP)
+	$(TORCH_VENV)/bin/python benchmarks/torch_cifar_step.py --precision fp32 bf16 \
+		--out $(TORCH_BENCH_OUT) $(TORCH_BENCH_ARGS)
