@@ -14,7 +14,7 @@ GroupNormalization op by op instead of the fused XLA GroupNorm, through
 interleaved rounds of the step and of the 2048^2 matmul of the step's precision and
 reports img/s and MFU; ``relative`` = img/s / default img/s. Processes run one after
 another, so compare ratios with the load averages they record.
-Writes ``results/knobs.json`` and ``results/knobs.png``.
+Writes ``results/knobs.json`` and ``results/knobs.png`` (``knobs_<preset>.*`` for another preset).
 """
 from __future__ import annotations
 
@@ -93,8 +93,9 @@ def main(names: List[str]) -> Dict[str, object]:
         r["relative"] = r["img_per_s"]["median"] / base["img_per_s"]["median"]
     payload = {"benchmark": "knobs", "preset": preset, "batch": batch,
                "environment": bl.environment(), "rows": rows}
-    bl.write_json("knobs", payload)
-    bl.bar_chart(bl.chart_path("knobs"), [r["variant"] for r in rows],
+    name = "knobs" if preset == "ddpm_cifar10" else f"knobs_{preset}"
+    bl.write_json(name, payload)
+    bl.bar_chart(bl.chart_path(name), [r["variant"] for r in rows],
                  [100 * r["mfu"]["median"] for r in rows], [100 * r["mfu"]["min"] for r in rows],
                  [100 * r["mfu"]["max"] for r in rows], ylabel="MFU (% of same-process matmul)",
                  title=f"{preset} b{batch} training: runtime knobs", hline=80.0,
