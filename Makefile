@@ -24,10 +24,10 @@ setup: $(STAMP)
 test: test-keras3 test-keras2
 
 test-keras3: $(STAMP)
-	$(PYTHON) -m pytest -q --durations=12 tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=12 tests
 
 test-keras2: $(STAMP)
-	TF_USE_LEGACY_KERAS=1 $(PYTHON) -m pytest -q --durations=8 -m keras2 tests
+	TF_USE_LEGACY_KERAS=1 $(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=8 -m keras2 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/vermin --no-tips --violations -t=3.8- ipu_diffusion
