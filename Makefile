@@ -7,6 +7,8 @@ CONFIG ?= pipeline_configs/digits.yaml
 WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 # RESUME=1 continues the run in WORKDIR from its newest checkpoint.
 RESUME_FLAG := $(if $(RESUME),--resume,)
+# SET="training.steps=200 eval.num_samples=0" overrides config keys (space-separated).
+SET_FLAGS := $(foreach s,$(SET),--set $(s))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: setup test test-keras3 test-keras2 lint soak train sample train-ipu bench bench-diffusers \
@@ -44,7 +46,7 @@ soak: $(STAMP)
 
 # Train CONFIG (default: the embedded digits, a few minutes on a CPU) into WORKDIR.
 train: $(STAMP)
-	$(PYTHON) -m ipu_diffusion train --config $(CONFIG) --workdir $(WORKDIR) $(RESUME_FLAG)
+	$(PYTHON) -m ipu_diffusion train --config $(CONFIG) --workdir $(WORKDIR) $(RESUME_FLAG) $(SET_FLAGS)
 
 # Sample a grid (PNG + .npz) from WORKDIR's newest checkpoint with DDIM.
 sample: $(STAMP)
