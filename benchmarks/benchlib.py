@@ -17,11 +17,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -30,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from machine import cpu_model, cpu_seconds  # noqa: E402,F401 (re-exported)
+from machine import cpu_flags, cpu_model, cpu_seconds, summary  # noqa: E402,F401 (re-exported)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CONFIGS = os.path.join(ROOT, "pipeline_configs")
@@ -44,19 +43,6 @@ def full_mode() -> bool:
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def cpu_flags(wanted: Iterable[str] = ("avx2", "avx512f", "avx512_bf16", "amx_bf16",
-                                        "amx_tile", "avx512_fp16")) -> List[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
-    except OSError:
-        pass
-    return []
 
 
 def environment() -> Dict[str, object]:
@@ -79,14 +65,6 @@ def environment() -> Dict[str, object]:
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def summary(samples: Sequence[float]) -> Dict[str, float]:
-    """Median, min, max, relative spread ((max - min) / median) and count."""
-    xs = [float(x) for x in samples]
-    med = statistics.median(xs)
-    return {"median": med, "min": min(xs), "max": max(xs),
-            "spread": (max(xs) - min(xs)) / med if med else 0.0, "n": len(xs)}
 
 
 def seconds_per_call(fn: Callable[[], object], calls: int, cpu: Optional[List[float]] = None

@@ -63,7 +63,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from machine import cpu_model, cpu_seconds  # benchmarks/machine.py: no TF, no torch
+from machine import cpu_model, cpu_seconds, start_torch  # no TF, no torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -136,20 +136,13 @@ def _write_json(path: str, data: Dict[str, Any]) -> None:
 
 
 def cmd_train(args) -> int:
-    # Read by libgomp when torch loads, so set before the import (see --omp-wait-policy).
-    if args.omp_wait_policy != "default":
-        os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy.upper())
-    import torch
+    torch = start_torch(args.omp_wait_policy, args.threads, args.seed)  # see --omp-wait-policy
     import torch.nn.functional as F
     import diffusers
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    if "tensorflow" in sys.modules:
-        raise SystemExit("the train step must not import TensorFlow")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     load_start = os.getloadavg()
 
     x_train = digits_split("train")

@@ -52,12 +52,11 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List
 
-from machine import cpu_model, cpu_seconds  # benchmarks/machine.py: no TF, no torch
+from machine import cpu_flags, cpu_model, cpu_seconds, start_torch, summary  # no TF/torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -83,28 +82,6 @@ UNET_CONFIG = dict(
     downsample_padding=0, act_fn="silu", attention_head_dim=None, norm_num_groups=32,
     norm_eps=1e-6, dropout=0.1,
 )
-
-
-def summary(samples: Sequence[float]) -> Dict[str, float]:
-    """Same statistics as benchlib.summary."""
-    xs = [float(x) for x in samples]
-    med = statistics.median(xs)
-    return {"median": med, "min": min(xs), "max": max(xs),
-            "spread": (max(xs) - min(xs)) / med if med else 0.0, "n": len(xs)}
-
-
-def cpu_flags(wanted: Sequence[str] = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile",
-                                         "avx512_fp16")) -> List[str]:
-    """The same flag list benchlib.environment records (benchlib imports TensorFlow)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
-    except OSError:
-        pass
-    return []
 
 
 def log(msg: str) -> None:
@@ -262,17 +239,10 @@ def main(argv=None) -> int:
                    help="result name in benchmarks/results/ (or a path ending in .json)")
     args = p.parse_args(argv)
 
-    # Read by libgomp when torch loads, so set before the import.
-    if args.omp_wait_policy != "default":
-        os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy.upper())
-    import torch
+    torch = start_torch(args.omp_wait_policy, args.threads, args.seed)
     import diffusers
     from diffusers import DDPMScheduler
 
-    if "tensorflow" in sys.modules:
-        raise SystemExit("this benchmark must not import TensorFlow")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     load_start = os.getloadavg()
     log(f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
         f"{torch.get_num_threads()} threads, {cpu_model()}, load {load_start[0]:.2f}")
