@@ -112,6 +112,7 @@ class TrainingConfig:
     batch_size: int = 128  # global batch: micro-batch * microbatches * replicas
     lr: float = 2e-4
     warmup_steps: int = 5000
+    lr_decay: Literal["none", "cosine"] = "none"  # cosine: to 0 at training.steps
     grad_clip: float = 1.0  # clip by global norm; 0 = off
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

@@ -40,7 +40,7 @@ from ipu_diffusion._keras import keras
 from ipu_diffusion.config import ConfigError, RunConfig, TrainingConfig
 from ipu_diffusion.models.carry import live_before
 from ipu_diffusion.pipeline.ipu_plan import IPUPlan, describe, ipu_plan
-from ipu_diffusion.training.trainer import EMA, WarmupSchedule, build_optimizer_state
+from ipu_diffusion.training.trainer import EMA, build_optimizer_state, lr_schedule
 
 SDK_DOWNLOAD = "https://www.graphcore.ai/downloads"
 
@@ -356,7 +356,7 @@ def ema_optimizer_class(base: type) -> type:
 def make_ipu_optimizer(cfg: TrainingConfig, plan: IPUPlan):
     """Adam with warmup, EMA slots and the gradient transformers above."""
     cls = ema_optimizer_class(keras.optimizers.Adam)
-    return cls(ema_decay=cfg.ema_decay, learning_rate=WarmupSchedule(cfg.lr, cfg.warmup_steps),
+    return cls(ema_decay=cfg.ema_decay, learning_rate=lr_schedule(cfg),
                beta_1=cfg.adam_beta1, beta_2=cfg.adam_beta2, epsilon=cfg.adam_eps,
                gradient_transformers=gradient_transformers(
                    1.0 / (plan.loss_scale * plan.replicas), cfg.grad_clip))

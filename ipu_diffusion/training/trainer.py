@@ -7,6 +7,7 @@ gradients; either way the update, clipping, EMA and metrics below are shared.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List
 
 import tensorflow as tf
@@ -18,26 +19,41 @@ from ipu_diffusion.training.objective import DiffusionObjective
 
 
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then constant (Ho et al. 2020)."""
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps`` (Ho et al. 2020), then constant,
+    or with ``decay_steps`` > 0 a cosine decay to 0 over the next ``decay_steps`` steps
+    (Loshchilov & Hutter 2017, without restarts). A pure function of the step, so a resumed
+    run follows the same curve."""
 
-    def __init__(self, lr: float, warmup_steps: int):
+    def __init__(self, lr: float, warmup_steps: int, decay_steps: int = 0):
         super().__init__()
         self.lr = float(lr)
         self.warmup_steps = int(warmup_steps)
+        self.decay_steps = int(decay_steps)
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
-        if self.warmup_steps <= 0:
-            return tf.constant(self.lr)
-        return self.lr * tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+        lr = tf.constant(self.lr)
+        if self.warmup_steps > 0:
+            lr = lr * tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+        if self.decay_steps > 0:
+            done = tf.clip_by_value((step - self.warmup_steps) / float(self.decay_steps), 0.0, 1.0)
+            lr = lr * 0.5 * (1.0 + tf.cos(math.pi * done))
+        return lr
 
     def get_config(self) -> Dict[str, Any]:
-        return {"lr": self.lr, "warmup_steps": self.warmup_steps}
+        return {"lr": self.lr, "warmup_steps": self.warmup_steps, "decay_steps": self.decay_steps}
+
+
+def lr_schedule(cfg: TrainingConfig) -> WarmupSchedule:
+    """``training.lr`` with its warmup and, for ``lr_decay: cosine``, a cosine decay to 0
+    at ``training.steps``."""
+    decay = max(1, cfg.steps - cfg.warmup_steps) if cfg.lr_decay == "cosine" else 0
+    return WarmupSchedule(cfg.lr, cfg.warmup_steps, decay)
 
 
 def make_optimizer(cfg: TrainingConfig):
-    """Adam with warmup; fp16 gets dynamic loss scaling."""
-    opt = keras.optimizers.Adam(learning_rate=WarmupSchedule(cfg.lr, cfg.warmup_steps),
+    """Adam with the warmup (and decay) of :func:`lr_schedule`; fp16 gets dynamic loss scaling."""
+    opt = keras.optimizers.Adam(learning_rate=lr_schedule(cfg),
                                 beta_1=cfg.adam_beta1, beta_2=cfg.adam_beta2, epsilon=cfg.adam_eps)
     if cfg.precision == "mixed_float16":
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
