@@ -183,8 +183,8 @@ def cmd_sample(args) -> int:
         classifier = load_classifier(args.classifier)
     run, step = _restore(args.workdir)
     labels = None
+    classes = classifier.num_classes if classifier is not None else run.cfg.model.num_classes
     if args.label is not None:
-        classes = classifier.num_classes if classifier is not None else run.cfg.model.num_classes
         labels = cycle_labels(args.num, classes, args.label)
     images = sample_images(run, args.num, args.seed, sampler=args.sampler, steps=args.steps,
                            eta=args.eta, progress=True, labels=labels, guidance=args.guidance,
@@ -192,7 +192,8 @@ def cmd_sample(args) -> int:
                            classifier=classifier)
     tag = f"_{args.guidance}{args.scale if args.scale is not None else 1.0:g}" if args.guidance else ""
     prefix = args.out or os.path.join(args.workdir, f"sample_{args.sampler}{args.steps}{tag}")
-    save_image_grid(images, prefix + ".png")
+    cycled = args.label is None and classes > 0  # labels 0..K-1 cycled: a column per class
+    save_image_grid(images, prefix + ".png", ncols=classes if cycled else None)
     np.savez_compressed(prefix + ".npz", images=images, step=step)
     print(f"wrote {prefix}.png and {prefix}.npz ({len(images)} images, checkpoint step {step})")
     return 0

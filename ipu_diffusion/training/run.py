@@ -285,7 +285,9 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
     grid = cb.SampleGridCallback(
         workdir, t.sample_every,
         lambda step: sample_images(run, t.num_sample_images, seed=cfg.run.seed),
-        save_image_grid, t.steps, tb)
+        # a conditional run cycles the labels 0..K-1: one column per class
+        lambda images, path: save_image_grid(images, path, ncols=cfg.model.num_classes or None),
+        t.steps, tb)
     guard = cb.StopGuard(t.max_nonfinite_steps)
     callbacks = [throughput, tb, ckpt, grid, guard]
     began = time.time()
