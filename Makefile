@@ -66,10 +66,10 @@ bench: $(STAMP)
 # our own digits evaluation. PyTorch lives in its own venv, .venv-torch (not in
 # requirements.txt): train + sample there, score under .venv. DIFFUSERS_SECONDS defaults to
 # the README's make-train training time; DIFFUSERS_ARGS passes more options to the train
-# step (e.g. --beta-schedule squaredcos_cap_v2 --lr 1e-3, or --cpu-seconds 918).
+# step (e.g. --beta-schedule squaredcos_cap_v2 --lr 1e-3, or --cpu-seconds 600).
 TORCH_VENV := .venv-torch
 TORCH_STAMP := $(TORCH_VENV)/.installed
-DIFFUSERS_SECONDS ?= 878
+DIFFUSERS_SECONDS ?= 395
 DIFFUSERS_SAMPLES ?= 1000
 DIFFUSERS_ARGS ?=
 DIFFUSERS_NPZ ?= benchmarks/results/diffusers_digits.npz

@@ -4,7 +4,7 @@ the same CPU, on the same digits, scored by the same code as ``make train``.
 Two steps in two environments (``make bench-diffusers`` runs both):
 
     # 1. under .venv-torch (torch + diffusers; never imports TensorFlow)
-    .venv-torch/bin/python benchmarks/diffusers_baseline.py train --seconds 878 \\
+    .venv-torch/bin/python benchmarks/diffusers_baseline.py train --seconds 395 \\
         --out benchmarks/results/diffusers_digits.npz
     # 2. under .venv (the project's environment; never imports torch)
     .venv/bin/python benchmarks/diffusers_baseline.py score \\
@@ -403,12 +403,13 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train with diffusers under a time budget, sample, save "
                        ".npz (run under .venv-torch)")
-    t.add_argument("--seconds", type=float, default=878.0,
+    t.add_argument("--seconds", type=float, default=395.0,
                    help="wall-clock training budget; stops at the first step ending past it "
-                        "(default 878: the README's make train)")
+                        "(default 395: the training time of the README's make train)")
     t.add_argument("--cpu-seconds", type=float, default=0.0,
                    help="budget in this process's CPU seconds instead of wall seconds "
-                        "(fairer on a shared machine; the README's run used ~918)")
+                        "(fairer on a shared machine: a CPU budget does not shrink when "
+                        "other jobs take the cores)")
     t.add_argument("--max-steps", type=int, default=0,
                    help="also stop at N steps and run the example's cosine over N steps")
     t.add_argument("--num-samples", type=int, default=1000)

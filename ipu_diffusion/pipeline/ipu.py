@@ -472,9 +472,8 @@ def train(run_config: RunConfig, workdir: Optional[str] = None, resume: bool = F
     ipu_plan(cfg, system_ipus=system_ipus)  # config errors before any device work
     run_lib.prepare_workdir(cfg, workdir, resume)
     run, plan = build_ipu_run(cfg, workdir, system_ipus)
-    run_lib.check_disk_space(run)
     print(describe(plan))
-    start = run_lib.restore_latest(run, required=False)
+    start = run_lib.start_from_checkpoint(run)
     use_labels = bool(run.objective.num_classes)
     popdist = sdk().popdist
     shards = (popdist.getNumInstances(), popdist.getInstanceIndex()) if popdist else (1, 0)

@@ -218,6 +218,16 @@ def check_disk_space(run: Run) -> None:
             "another --workdir")
 
 
+def start_from_checkpoint(run: Run) -> int:
+    """Before training (CPU or IPU): check the disk, restore the newest complete checkpoint
+    if any and say which; returns the step to start from."""
+    check_disk_space(run)
+    start = restore_latest(run, required=False)
+    if run.restored_from is not None:
+        _log(f"resumed from {run.restored_from} (step {start})")
+    return start
+
+
 def prepare_workdir(cfg: RunConfig, workdir: str, resume: bool) -> None:
     """Create the workdir; refuse to mix runs; write the resolved config; remove what
     interrupted saves left behind."""
@@ -270,10 +280,7 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
     workdir = workdir or cfg.workdir
     prepare_workdir(cfg, workdir, resume)
     run = build_run(cfg, workdir)
-    check_disk_space(run)
-    start = restore_latest(run, required=False)
-    if run.restored_from is not None:
-        _log(f"resumed from {run.restored_from} (step {start})")
+    start = start_from_checkpoint(run)
     t = cfg.training
 
     def stream_from(step: int):
