@@ -255,6 +255,7 @@ def cmd_eval(args) -> int:
 
 def cmd_train_ipu(args) -> int:
     from ipu_diffusion.pipeline import ipu
+    from ipu_diffusion.training import ipu_train
 
     try:
         ipu.require_sdk(args.config)
@@ -262,7 +263,7 @@ def cmd_train_ipu(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     cfg = _load_for_train(args)
-    metrics = ipu.train(cfg, args.workdir or cfg.workdir, resume=args.resume)
+    metrics = ipu_train.train(cfg, args.workdir or cfg.workdir, resume=args.resume)
     print(f"done: {metrics['steps']} steps on IPU")
     return 0
 

@@ -121,13 +121,20 @@ class UNet:
         out = layer(args if len(args) > 1 else args[0], training=training)
         carry[p.spec.outputs[0]] = out
 
+    def apply_blocks(self, carry: Dict[str, tf.Tensor], start: int = 0,
+                     stop: Optional[int] = None, training=None) -> None:
+        """Call blocks ``start .. stop - 1`` in order on ``carry`` (a dict of tensors or
+        Keras inputs), writing each block's output into it: the flat graph a pipelined
+        IPU model is built from (one layer invocation per block)."""
+        for p in self.plans[start:stop]:
+            self._apply(p, carry, training)
+
     def _functional(self, start: int, stop: int, name: str, whole: bool = False):
         shapes = shapes_before(self.config, self.plans, start)
         inputs = {k: keras.Input(shape=shapes[k], dtype=self.carry_dtype(k), name=k)
                   for k in (self.input_keys if whole else self._live[start])}
         carry = dict(inputs)
-        for p in self.plans[start:stop]:
-            self._apply(p, carry)
+        self.apply_blocks(carry, start, stop)
         if whole:
             return keras.Model(inputs=inputs, outputs=carry[self.output_key], name=name)
         outputs = {k: carry[k] for k in self._live[stop]}

@@ -20,12 +20,15 @@ Rules (S stages, M = ``pipeline.microbatches``, R = ``ipu.replicas``, B =
   SDK's ``gradient_accumulation_steps_per_replica``; one weight update consumes one
   global batch.
 * **Steps per execution** (``compile(steps_per_execution=k)``, counted in micro-batches
-  per replica) must be a multiple of M (Keras-with-IPUs guide, "Gradient accumulation").
+  per replica) must be a multiple of M (graphcore/keras ``keras/ipu/extensions/
+  extensions_base.py``, ``_verify_and_get_gradient_accumulation_steps_per_replica``).
   ``ipu.steps_per_execution = 0`` chooses ``k = M * ceil(2 S / M)``: the smallest multiple
-  of M that is at least 2 S, the depth of a Grouped pipeline (Graphcore's examples keep
-  at least 2 S micro-batches in flight). ``k / M`` weight updates run per execution,
-  and ``training.steps`` and ``training.log_every`` must be multiples of it (callbacks
-  and checkpoints happen between executions).
+  of M that is at least 2 S. ``k / M`` weight updates run per execution, and
+  ``training.steps`` and ``training.log_every`` must be multiples of it (callbacks and
+  checkpoints happen between executions). :func:`fit_steps` converts updates into the
+  ``steps_per_epoch`` the SDK's data adapter expects (all local replicas' steps).
+* **Depth.** A pipelined M must be a multiple of, and at least, the schedule's overlap
+  length: 2 S for Grouped, S for Interleaved, 1 for Sequential (:func:`overlap_length`).
 * **Memory.** With a partition and block info, :mod:`ipu_diffusion.pipeline.memory`
   (backend ``"ipu"``) estimates each stage; stages sharing an IPU add up and each IPU
   must stay within its In-Processor Memory (1472 tiles x 624 KiB, about 900 MB, on a Mk2
@@ -40,6 +43,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from ipu_diffusion.config import ConfigError, RunConfig
 
 TILES_PER_IPU = {"ipu2": 1472, "ipu21": 1472}  # Mk2 GC200 and Bow IPU
+# IPUConfig.ipu_model.version: 'Options are "ipu1" or "ipu2" (default)' (graphcore/tensorflow
+# tensorflow/python/ipu/config.py, SDK 3.4); ipu_version's other choice is the Bow IPU
+IPU_MODEL_VERSIONS = ("ipu2",)
 TILE_BYTES = 624 * 1024  # In-Processor Memory per tile
 DEFAULT_SYSTEM_IPUS = 64  # an IPU-POD64; pass system_ipus for other systems
 FP16_LOSS_SCALE = 128.0  # static loss scale for mixed_float16 (see ipu.py)
@@ -238,6 +244,12 @@ def _emulator(cfg: RunConfig) -> Tuple[int, int]:
                           "emulator only; set ipu.ipu_model true or leave it 0")
     if ipu.tiles_per_ipu < 0:
         raise ConfigError(f"ipu.tiles_per_ipu: {ipu.tiles_per_ipu} must be >= 0")
+    if ipu.ipu_model and ipu.ipu_version not in IPU_MODEL_VERSIONS:
+        raise ConfigError(
+            f"ipu.ipu_version: {ipu.ipu_version!r} is not an IPUModel version; the emulator "
+            f"takes {' or '.join(repr(v) for v in IPU_MODEL_VERSIONS)} "
+            "(IPUConfig.ipu_model.version, graphcore/tensorflow tensorflow/python/ipu/config.py); "
+            f"{ipu.ipu_version!r} is for hardware (ipu.ipu_model false)")
     tiles = ipu.tiles_per_ipu or TILES_PER_IPU[ipu.ipu_version]
     return tiles, tiles * TILE_BYTES
 
@@ -344,7 +356,8 @@ def ipu_plan(run_config: RunConfig, partition=None, block_info: Optional[Sequenc
     half, partials, loss_scale = _precision(cfg)
     amp = _memory_proportions(cfg)
     tiles, budget = _emulator(cfg)
-    notes = _unsupported(cfg) + _depth_notes(cfg)
+    _check_depth(cfg)
+    notes = _unsupported(cfg)
     ranges: Tuple[Tuple[int, int], ...] = ()
     sizes: Tuple[int, ...] = ()
     ipu_sizes: Tuple[int, ...] = ()
@@ -367,14 +380,49 @@ def ipu_plan(run_config: RunConfig, partition=None, block_info: Optional[Sequenc
         notes=tuple(notes))
 
 
-def _depth_notes(cfg: RunConfig) -> List[str]:
+def overlap_length(schedule: str, stages: int) -> int:
+    """The pipeline's overlap length in training: the accumulation count M must be a
+    multiple of it and at least it (graphcore/tensorflow ``tensorflow/compiler/plugin/
+    poplar/driver/visitors/pipeline_visitor.cc``, ``VerifyPipelineArguments``: "The number
+    of iterations of the pipeline must be a multiple of %d"). It is the size of the
+    schedule's union of stage offsets (``pipeline_visitor_utils.h``): Grouped, every stage
+    op, forward and backward, so 2 S; Interleaved, the rotations of the stage-to-IPU list,
+    S on distinct IPUs (the only kind it trains on); Sequential, 1."""
+    return {"grouped": 2 * stages, "interleaved": stages, "sequential": 1}[schedule]
+
+
+def _check_depth(cfg: RunConfig) -> None:
     p = cfg.pipeline
-    need = {"grouped": 2 * p.stages, "interleaved": p.stages, "sequential": 1}[p.schedule]
-    if p.stages > 1 and p.microbatches < need:
-        return [f"pipeline.microbatches {p.microbatches} < {need}: the {p.schedule} pipeline of "
-                f"{p.stages} stages never fills (Graphcore's examples use M >= 2 S for Grouped); "
-                "the compiler may refuse it"]
-    return []
+    if p.stages < 2:
+        return
+    n, m = overlap_length(p.schedule, p.stages), p.microbatches
+    if m >= n and m % n == 0:
+        return
+    lower = m // n * n
+    valid = sorted({v for v in (lower, lower + n) if v >= n})
+    raise ConfigError(
+        f"pipeline.microbatches: {m} microbatches cannot fill the {p.schedule} pipeline of "
+        f"{p.stages} stages: the IPU compiler needs a multiple of {n} (at least {n}), e.g. "
+        f"{' or '.join(str(v) for v in valid)} (pipeline_visitor.cc: 'The number of "
+        "iterations of the pipeline must be a multiple of ...')")
+
+
+def fit_steps(plan: IPUPlan, updates: int, local_replicas: int) -> int:
+    """``steps_per_epoch`` for the SDK's ``fit`` to make ``updates`` weight updates.
+
+    The IPU data adapter counts ``steps_per_epoch`` over all the process's replicas: each
+    of the ``local_replicas`` runs ``steps_per_epoch // local_replicas`` micro-batch steps,
+    which must be a multiple of ``steps_per_execution`` (graphcore/keras ``keras/ipu/
+    extensions/data_adapter.py``, ``IPUDataHandler._infer_steps`` and
+    ``_validate_data_handler``); M of them make one update. Under ``poprun`` each instance
+    counts only its own replicas.
+    """
+    per_replica = int(updates) * plan.microbatches
+    if updates < 1 or per_replica % plan.steps_per_execution:
+        raise ValueError(f"{updates} weight updates are {per_replica} micro-batch steps per "
+                         f"replica, not a positive multiple of steps_per_execution "
+                         f"{plan.steps_per_execution} ({plan.updates_per_execution} updates)")
+    return per_replica * int(local_replicas)
 
 
 def _check_partition(cfg: RunConfig, partition, mapping: Tuple[int, ...]):

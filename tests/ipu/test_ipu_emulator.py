@@ -14,6 +14,7 @@ import pytest
 
 from ipu_diffusion.config import load_config
 from ipu_diffusion.pipeline import ipu
+from ipu_diffusion.training import ipu_train
 
 pytestmark = pytest.mark.skipif(
     not ipu.sdk_available(),
@@ -50,7 +51,7 @@ def _tiles_for(cfg) -> int:
 def test_ipu_emulator_trains_four_stages_on_one_ipu(tmp_path):
     cfg = _four_stage_config()
     cfg = _four_stage_config(f"ipu.tiles_per_ipu={_tiles_for(cfg)}")
-    metrics = ipu.train(cfg, str(tmp_path / "run"), verbose=0)
+    metrics = ipu_train.train(cfg, str(tmp_path / "run"), verbose=0)
     assert metrics["steps"] == 4 and metrics["backend"] == "ipu"
     assert metrics["final_loss"] is not None and math.isfinite(metrics["final_loss"])
     assert os.path.exists(tmp_path / "run" / "metrics.json")

@@ -185,7 +185,8 @@ def test_ipu_device_mapping_may_share_ipus():
 
 
 def test_ipu_three_ipus_round_up_to_four():
-    plan = ipu_plan(digits("pipeline.stages=3", "pipeline.microbatches=8"))
+    plan = ipu_plan(digits("pipeline.stages=3", "pipeline.microbatches=6",
+                           "training.batch_size=60"))
     assert (plan.ipus_per_replica, plan.total_ipus) == (4, 4)  # IPU 3 idle
 
 
@@ -211,10 +212,13 @@ def test_ipu_steps_and_log_every_multiple_of_updates_per_execution():
 
 
 def test_ipu_default_steps_per_execution_rule():
-    # S = 4: at least 2 S = 8 micro-batches; the smallest multiple of M above
-    for m, want in ((1, 8), (2, 8), (3, 9), (8, 8), (16, 16)):
+    # S = 4: at least 2 S = 8 micro-batches; the smallest multiple of M above (M itself
+    # is a multiple of the pipeline's overlap length: 1 sequential, S interleaved)
+    for schedule, m, want in (("sequential", 1, 8), ("sequential", 3, 9), ("interleaved", 4, 8),
+                              ("interleaved", 12, 12), ("grouped", 8, 8), ("grouped", 16, 16)):
         cfg = digits(*FOUR, f"pipeline.microbatches={m}", "training.batch_size=48",
-                     "training.steps=3600", "training.log_every=360")
+                     f"pipeline.schedule={schedule}", "training.steps=3600",
+                     "training.log_every=360")
         assert ipu_plan(cfg).steps_per_execution == want, m
 
 
@@ -282,11 +286,17 @@ def test_ipu_loss_aware_sampler_rejected():
            digits("diffusion.timestep_sampler=loss_aware"))
 
 
-def test_ipu_notes_for_ignored_keys_and_shallow_pipeline():
-    plan = ipu_plan(digits(*FOUR, "pipeline.microbatches=4", "training.steps_per_execution=4"))
-    text = " ".join(plan.notes)
-    assert "training.steps_per_execution is ignored" in text
-    assert "pipeline.microbatches 4 < 8" in text  # grouped: M >= 2 S advised
+def test_ipu_notes_for_ignored_keys():
+    plan = ipu_plan(digits(*FOUR, "training.steps_per_execution=4"))
+    assert "training.steps_per_execution is ignored" in " ".join(plan.notes)
+
+
+def test_ipu_pipeline_depth_names_the_nearest_valid_values():
+    # Grouped training of 4 stages: M a multiple of 2 S = 8 (pipeline_visitor.cc)
+    raises(r"pipeline\.microbatches: 4 .* multiple of 8 \(at least 8\), e\.g\. 8 \(",
+           digits(*FOUR, "pipeline.microbatches=4", "training.batch_size=48"))
+    raises(r"pipeline\.microbatches: 12 .* e\.g\. 8 or 16 \(",
+           digits(*FOUR, "pipeline.microbatches=12", "training.batch_size=48"))
 
 
 def test_ipu_describe_table():

@@ -1,6 +1,7 @@
-"""ipu.train end to end on CPU under Keras 2 (the SDK's Keras is 2.6), with stand-ins
-for the three SDK objects a one-stage run touches: the IPU strategy (the default one),
-ipu_tensorflow_addons' GroupNormalization (Keras' own) and the IPU system configuration.
+"""ipu_train.train end to end on CPU under Keras 2 (the SDK's Keras is 2.6), with stand-ins
+for the SDK objects a one-stage run touches: the IPU strategy (the default one),
+ipu_tensorflow_addons' GroupNormalization (Keras' own), the IPU system configuration and,
+for the poprun test, popdist.
 Runs in ``make test-keras2`` (TF_USE_LEGACY_KERAS=1); skipped under Keras 3, whose
 optimizers have no OptimizerV2 slots."""
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ipu_diffusion._keras import IS_KERAS3, keras
 from ipu_diffusion.config import load_config
 from ipu_diffusion.models import layers
 from ipu_diffusion.pipeline import ipu
+from ipu_diffusion.training import ipu_train
 
 pytestmark = [pytest.mark.keras2, pytest.mark.slow,
               pytest.mark.skipif(IS_KERAS3, reason="needs Keras 2 OptimizerV2 (run with "
@@ -33,22 +35,36 @@ def _group_norm(**kwargs):
     return keras.layers.GroupNormalization(**kwargs)
 
 
+class _PopDist:
+    """popdist under ``poprun --num-instances=2``, seen from instance ``index``."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def getNumInstances(self):  # noqa: N802 (popdist's names)
+        return 2
+
+    def getInstanceIndex(self):  # noqa: N802
+        return self.index
+
+
+def _stand_ins(monkeypatch, popdist=None):
+    monkeypatch.setattr(ipu, "require_sdk", lambda *args: None)
+    monkeypatch.setattr(ipu, "sdk", lambda: SimpleNamespace(
+        GroupNormalization=_group_norm, popdist=popdist, reduction_mean="mean"))
+    monkeypatch.setattr(ipu, "configure", lambda plan, seed=None: tf.distribute.get_strategy())
+
+
 @pytest.fixture()
 def stand_ins(monkeypatch):
-    make = ipu.ema_optimizer_class
-    monkeypatch.setattr(ipu, "require_sdk", lambda *args: None)
-    monkeypatch.setattr(ipu, "sdk", lambda: SimpleNamespace(GroupNormalization=_group_norm,
-                                                            popdist=None, reduction_mean="mean"))
-    monkeypatch.setattr(ipu, "configure", lambda plan, seed=None: tf.distribute.get_strategy())
-    monkeypatch.setattr(ipu, "ema_optimizer_class",
-                        lambda base: make(keras.optimizers.legacy.Adam))
+    _stand_ins(monkeypatch)
     yield
     layers.set_group_norm_factory(None)
 
 
 def test_ipu_train_writes_run_and_restores(stand_ins, tmp_path):
     workdir = str(tmp_path / "run")
-    first = ipu.train(load_config(DIGITS, SHORT + ["training.steps=4"]), workdir, verbose=0)
+    first = ipu_train.train(load_config(DIGITS, SHORT + ["training.steps=4"]), workdir, verbose=0)
     assert (first["steps"], first["resumed_from"], first["backend"]) == (4, 0, "ipu")
     assert first["final_loss"] is not None and first["final_loss"] > 0
     with open(os.path.join(workdir, "metrics.json")) as f:
@@ -59,8 +75,22 @@ def test_ipu_train_writes_run_and_restores(stand_ins, tmp_path):
     # a fresh build restores step, weights, Adam and EMA slots, and the synced EMA copy
     from ipu_diffusion.training.run import restore_latest
 
-    run, _ = ipu.build_ipu_run(load_config(DIGITS, SHORT + ["training.steps=6"]), workdir)
+    run, _ = ipu_train.build_ipu_run(load_config(DIGITS, SHORT + ["training.steps=6"]), workdir)
     assert restore_latest(run, required=True) == 4
     for shadow, slot in zip(run.trainer.ema.shadow, run.trainer.ema_slots):
         np.testing.assert_array_equal(shadow.numpy(), slot.numpy())
     assert any(float(np.abs(s.numpy()).sum()) > 0 for s in run.trainer.ema_slots)
+
+
+def test_ipu_train_under_poprun_writes_only_on_instance_0(monkeypatch, tmp_path):
+    """Instance 1 of two trains (its half of the micro-batches) and writes nothing."""
+    _stand_ins(monkeypatch, _PopDist(1))
+    try:
+        workdir = tmp_path / "run"
+        cfg = load_config(DIGITS, SHORT + ["training.steps=2", "ipu.replicas=2",
+                                           "training.batch_size=32"])
+        metrics = ipu_train.train(cfg, str(workdir), verbose=0)
+    finally:
+        layers.set_group_norm_factory(None)
+    assert metrics["steps"] == 2 and metrics["final_loss"] > 0
+    assert not workdir.exists() or not any(workdir.rglob("*")), list(workdir.rglob("*"))
