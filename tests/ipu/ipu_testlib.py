@@ -14,3 +14,14 @@ def small_config(*overrides: str):
     from ipu_diffusion.config import load_config
 
     return load_config(DIGITS, SMALL + list(overrides))
+
+
+def batch(n: int, offset: int = 0):
+    """A micro-batch ``{x0 [n,16,16,1], key [n], y [n]}`` of examples ``offset ..``."""
+    import tensorflow as tf
+
+    from ipu_diffusion import rng
+
+    index = tf.range(offset, offset + n, dtype=tf.int64)
+    return {"x0": tf.random.stateless_uniform([n, 16, 16, 1], (7, offset), -1.0, 1.0),
+            "key": rng.example_keys(0, 0, index), "y": tf.cast(index % 10, tf.int32)}

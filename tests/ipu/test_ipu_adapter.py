@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import sdk_options
 import tensorflow as tf
-from ipu_testlib import small_config
+from ipu_testlib import batch, small_config
 
 from ipu_diffusion import rng
 from ipu_diffusion.data.dataset import batches_from_arrays
@@ -21,12 +21,6 @@ from ipu_diffusion.training import ipu_train
 from ipu_diffusion.training.trainer import EMA
 
 pytestmark = pytest.mark.keras2  # the SDK runs Keras 2.6
-
-
-def batch(n: int, offset: int = 0):
-    index = tf.range(offset, offset + n, dtype=tf.int64)
-    return {"x0": tf.random.stateless_uniform([n, 16, 16, 1], (7, offset), -1.0, 1.0),
-            "key": rng.example_keys(0, 0, index), "y": tf.cast(index % 10, tf.int32)}
 
 
 def trainer_losses(unet, objective, carry):

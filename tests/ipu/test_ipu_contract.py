@@ -15,10 +15,9 @@ import pytest
 import sdk_options
 import sdk_stages
 import tensorflow as tf
-from ipu_testlib import small_config
+from ipu_testlib import batch, small_config
 from sdk_dtypes import non_ipu_dtypes
 
-from ipu_diffusion import rng
 from ipu_diffusion._keras import IS_KERAS3, keras
 from ipu_diffusion.config import ConfigError
 from ipu_diffusion.pipeline import ipu
@@ -30,12 +29,6 @@ from ipu_diffusion.training import ipu_train
 pytestmark = pytest.mark.keras2
 keras2_only = pytest.mark.skipif(IS_KERAS3, reason="the SDK's Keras is 2.6: needs Keras 2 "
                                  "internals (run with TF_USE_LEGACY_KERAS=1, make test-keras2)")
-
-
-def batch(n: int, offset: int = 0):
-    index = tf.range(offset, offset + n, dtype=tf.int64)
-    return {"x0": tf.random.stateless_uniform([n, 16, 16, 1], (7, offset), -1.0, 1.0),
-            "key": rng.example_keys(0, 0, index), "y": tf.cast(index % 10, tf.int32)}
 
 
 def _partition(net, *overrides):
