@@ -7,6 +7,8 @@ from ipu_diffusion.config import DiffusionConfig
 from ipu_diffusion.diffusion.gaussian import GaussianDiffusion, model_output_channels
 from ipu_diffusion.diffusion.schedules import make_betas
 
+import diffusion_reference_np as REF  # tests/diffusion: float64 paper formulas
+
 T = 1000
 
 
@@ -107,17 +109,26 @@ def test_p_mean_variance_with_the_true_target(mean_type, var_type):
 
 
 def test_fixed_variances():
+    """fixed_small / fixed_large variances and log-variances per timestep, and the mean,
+    against the float64 formulas (REF): beta_tilde_t with its log clipped at the first
+    step; beta_t with beta_tilde at the first step (Ho et al. 2020, section 3.2); the
+    mean of an eps model by Ho et al. eq. 11 (another form than the posterior's eq. 7)."""
     x0, noise, t = _batch(4)
-    for var_type, expected_var in [("fixed_small", None), ("fixed_large", None)]:
+    tab = REF.tables(REF.linear_betas(T))
+    for var_type, var, log_var in [
+            ("fixed_small", tab["fixed_small"], tab["log_beta_tilde_clipped"]),
+            ("fixed_large", tab["fixed_large"], np.log(tab["fixed_large"]))]:
         d = GaussianDiffusion(make_betas("linear", T), var_type=var_type)
-        out = d.p_mean_variance(noise, d.q_sample(x0, t, noise), t)
-        if var_type == "fixed_small":
-            var, log_var = d.posterior_variance, d.posterior_log_variance_clipped
-        else:  # beta_t, but beta_tilde_1 at the first step (Ho et al. 2020, section 3.2)
-            var = np.append(d.posterior_variance[1], d.betas[1:])
-            log_var = np.log(var)
-        np.testing.assert_allclose(out["variance"].numpy()[:, 0, 0, 0], var, rtol=1e-5, atol=1e-12)
-        np.testing.assert_allclose(out["log_variance"].numpy()[:, 0, 0, 0], log_var, rtol=1e-5)
+        x_t = d.q_sample(x0, t, noise)
+        out = d.p_mean_variance(noise, x_t, t, clip_denoised=False)
+        for key, expected in [("variance", var), ("log_variance", log_var)]:
+            got = out[key].numpy()
+            np.testing.assert_array_equal(got, np.broadcast_to(got[:, :1, :1, :1], got.shape))
+            np.testing.assert_allclose(got[:, 0, 0, 0], expected, rtol=1e-6, atol=1e-30,
+                                       err_msg=key)
+        mean = REF.eps_model_mean(tab, x_t.numpy().astype(np.float64), t.numpy(),
+                                  noise.numpy().astype(np.float64))
+        np.testing.assert_allclose(out["mean"].numpy(), mean, rtol=0, atol=2e-6)
 
 
 def test_learned_range_end_points():

@@ -12,8 +12,12 @@ from ipu_diffusion.diffusion.losses import (approx_standard_normal_cdf,
                                             vb_terms_bpd)
 from ipu_diffusion.diffusion.schedules import make_betas
 
+import diffusion_reference_np as REF  # tests/diffusion: float64 paper formulas
+
 T = 1000
-LN2 = math.log(2.0)
+# float32 against float64: the KL's -1 + e^d - d cancels terms of size 1 (float32 eps
+# ~1e-7) down to KLs of ~1e-4 bits at large t, hence the absolute part
+TOL_VB = dict(rtol=1e-4, atol=1e-7)
 
 
 def _normal_cdf(x):
@@ -81,15 +85,39 @@ def test_vb_terms_kl_zero_for_the_true_posterior_and_decoder_at_t0():
     assert vb[0] == pytest.approx(-np.mean(np.log2(p)), rel=1e-2)
 
 
+def _float64(*tensors):
+    return [np.asarray(v.numpy(), np.float64) for v in tensors]
+
+
+def _on_the_pixel_grid(d, noise, t, seed):
+    """x0 on the decoder's grid -1 + 2k/255, with the t = 0 example's first image row at
+    -1 and its second at +1 (the open edge bins), and its x_t."""
+    k = np.random.RandomState(seed).randint(0, 256, size=noise.shape)
+    k[0, 0], k[0, 1] = 0, 255
+    x0 = tf.constant(-1.0 + 2.0 * k / 255.0, tf.float32)
+    return x0, d.q_sample(x0, t, noise)
+
+
 def test_vb_terms_match_manual_kl():
-    d, x0, noise, t, x_t = _setup(var_type="learned_range", seed=1)
-    model_out = tf.concat([noise * 0.9, tf.fill(noise.shape, 0.3)], -1)
+    """L_t of a learned-range eps model against the float64 formulas (REF): the Gaussian
+    KL from the true posterior to the model's N(mu, sigma^2) for t > 0, with mu from Ho et
+    al. eq. 11 and log sigma^2 = f log beta_t + (1 - f) log beta_tilde_t (N&D eq. 15,
+    f = (v + 1) / 2); the discretised decoder NLL at t = 0 (example 0, edge bins included)."""
+    d, _, noise, t, _ = _setup(var_type="learned_range", seed=1)
+    x0, x_t = _on_the_pixel_grid(d, noise, t, seed=1)
+    v = 0.3
+    model_out = tf.concat([noise * 0.9, tf.fill(noise.shape, v)], -1)
     vb = vb_terms_bpd(d, model_out, x0, x_t, t, clip_denoised=False).numpy()
-    out = d.p_mean_variance(model_out, x_t, t, clip_denoised=False)
-    q_mean, _, q_log_var = d.q_posterior_mean_variance(x0, x_t, t)
-    m1, l1, m2, l2 = (v.numpy().astype(np.float64) for v in (q_mean, q_log_var, out["mean"], out["log_variance"]))
-    kl = 0.5 * (-1 + l2 - l1 + np.exp(l1 - l2) + (m1 - m2) ** 2 * np.exp(-l2))
-    np.testing.assert_allclose(vb[1:], kl.mean(axis=(1, 2, 3))[1:] / LN2, rtol=1e-3, atol=1e-6)
+    tab = REF.tables(REF.linear_betas(T))
+    x0_, x_t_, eps_ = _float64(x0, x_t, model_out[..., :3])
+    t_ = t.numpy()
+    f = (v + 1.0) / 2.0
+    log_var = (f * REF.per_example(np.log(tab["betas"]), t_, 4)
+               + (1.0 - f) * REF.per_example(tab["log_beta_tilde_clipped"], t_, 4)) + 0.0 * x0_
+    mean = REF.eps_model_mean(tab, x_t_, t_, eps_)
+    expected = REF.vb_bits_per_dim(tab, x0_, x_t_, t_, mean, log_var)
+    assert t_[0] == 0 and np.all(expected > 0)
+    np.testing.assert_allclose(vb, expected, **TOL_VB)
 
 
 @pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
@@ -131,11 +159,22 @@ def test_hybrid_vb_gradient_reaches_only_the_variance_channels():
 
 
 def test_kl_loss_is_T_times_vb():
-    d, x0, noise, t, x_t = _setup(var_type="fixed_large", loss_type="kl", seed=3)
+    """loss_type kl: vb is L_t of a fixed-large eps model in bits/dim from the float64
+    formulas (REF; sigma^2 = beta_t, beta_tilde at the first step), and the loss is T L_t,
+    the one-sample estimate of sum_t L_t."""
+    d, _, noise, t, _ = _setup(var_type="fixed_large", loss_type="kl", seed=3)
+    x0, x_t = _on_the_pixel_grid(d, noise, t, seed=3)
     model_out = noise * 0.9
     terms = training_losses(d, model_out, x0, x_t, t, noise)
-    np.testing.assert_allclose(terms["loss"].numpy(), T * terms["vb"].numpy(), rtol=1e-6)
-    np.testing.assert_allclose(terms["vb"].numpy(),
-                               vb_terms_bpd(d, model_out, x0, x_t, t, clip_denoised=False).numpy())
+    tab = REF.tables(REF.linear_betas(T))
+    x0_, x_t_, eps_ = _float64(x0, x_t, model_out)
+    t_ = t.numpy()
+    log_var = REF.per_example(np.log(tab["fixed_large"]), t_, 4) + 0.0 * x0_
+    mean = REF.eps_model_mean(tab, x_t_, t_, eps_)
+    expected = REF.vb_bits_per_dim(tab, x0_, x_t_, t_, mean, log_var)
+    assert t_[0] == 0 and np.all(expected > 0)
+    np.testing.assert_allclose(terms["vb"].numpy(), expected, **TOL_VB)
+    np.testing.assert_allclose(terms["loss"].numpy(), T * expected, rtol=TOL_VB["rtol"],
+                               atol=T * TOL_VB["atol"])
     with pytest.raises(ValueError, match="min_snr_gamma"):
         training_losses(d, model_out, x0, x_t, t, noise, min_snr_gamma=-1.0)

@@ -27,6 +27,8 @@ from ipu_diffusion.diffusion.sampling import (cfg_denoise_fn, ddim_invert, ddim_
                                               sample, slerp, space_timesteps)
 from ipu_diffusion.diffusion.schedules import make_betas
 
+import diffusion_reference_np as REF  # tests/diffusion: float64 paper formulas
+
 T, MU, SD = 1000, 0.3, 0.2
 SHAPE = (4000, 4)
 
@@ -98,20 +100,67 @@ def test_parameterisations_give_the_same_deterministic_samples():
     np.testing.assert_allclose(outs[2], outs[0], atol=1e-4)
 
 
+def _linear_eps_model(ab_original):
+    """The optimal eps predictor of the Gaussian data, eps_hat = C x + E (``_optimal_linear``),
+    as a denoise_fn over original timesteps, and the (C, E) tables it uses (float64)."""
+    C, E = np.array([_optimal_linear(a)[2:] for a in ab_original]).T
+    C32, E32 = tf.constant(C, tf.float32), tf.constant(E, tf.float32)
+
+    def denoise_fn(x, t):
+        return tf.gather(C32, t)[:, None] * x + tf.gather(E32, t)[:, None]
+
+    return denoise_fn, C, E
+
+
+def _np_ddim_invert(ab, C, E, x0):
+    """DDIM eq. 12 with t and t-1 swapped, eta = 0, float64: from x at level a_prev (x_0
+    at a_prev = 1) to level a_i, x = sqrt(a_i) x0_hat + sqrt(1 - a_i) eps_hat, where
+    eps_hat is the model at the level x is at (at the first level for x_0) and
+    x0_hat = (x - sqrt(1 - a_prev) eps_hat) / sqrt(a_prev). ``ab``, ``C``, ``E`` per step."""
+    x, a_prev = x0, 1.0
+    for i in range(len(ab)):
+        j = max(i - 1, 0)
+        eps = C[j] * x + E[j]
+        x0_hat = (x - math.sqrt(1.0 - a_prev) * eps) / math.sqrt(a_prev)
+        x, a_prev = math.sqrt(ab[i]) * x0_hat + math.sqrt(1.0 - ab[i]) * eps, ab[i]
+    return x
+
+
+def _np_ddim_sample(ab, C, E, x):
+    """DDIM eq. 12, eta = 0, float64, from level ab[-1] down to x_0 (a_{-1} = 1)."""
+    for i in reversed(range(len(ab))):
+        eps = C[i] * x + E[i]
+        x0_hat = (x - math.sqrt(1.0 - ab[i]) * eps) / math.sqrt(ab[i])
+        a_prev = ab[i - 1] if i > 0 else 1.0
+        x = math.sqrt(a_prev) * x0_hat + math.sqrt(1.0 - a_prev) * eps
+    return x
+
+
 def test_ddim_inversion_round_trip():
-    """Inversion uses eps at the previous level (first order): the error shrinks ~1/steps."""
-    base = _base()
-    oracle = gaussian_oracle(base, MU, SD)
+    """Inversion against eq. 12 run backwards in float64 (``_np_ddim_invert``), and the
+    round trip: inversion uses eps at the previous level (first order), so the error of
+    sampling back shrinks ~1/steps."""
+    ab_all = np.cumprod(1.0 - REF.linear_betas(T))
+    denoise_fn, C_all, E_all = _linear_eps_model(ab_all)
     x0 = MU + SD * tf.random.stateless_normal((512, 4), [1, 2])
+    x0_ = x0.numpy().astype(np.float64)
+    base = _base()
     errors = {}
     for steps in (200, T):
+        kept = [int(round(i * (T - 1) / (steps - 1))) for i in range(steps)]  # "uniform N"
         d = respace(base, space_timesteps(T, steps)) if steps < T else base
-        x_T = ddim_invert(d, oracle, x0)
+        assert list(d.timestep_map) == kept
+        ab, C, E = ab_all[kept], C_all[kept], E_all[kept]
+        x_T = ddim_invert(d, denoise_fn, x0)
+        np.testing.assert_allclose(x_T.numpy(), _np_ddim_invert(ab, C, E, x0_), rtol=0, atol=5e-5)
         # the latent is (close to) N(0, 1): the inverse of the deterministic sampler
         assert abs(float(tf.math.reduce_std(x_T)) - 1.0) < 0.1
-        rec = ddim_sample(d, oracle, None, noise=x_T, clip_denoised=False)
+        rec = ddim_sample(d, denoise_fn, None, noise=x_T, clip_denoised=False)
+        back = _np_ddim_sample(ab, C, E, x_T.numpy().astype(np.float64))
+        np.testing.assert_allclose(rec.numpy(), back, rtol=0, atol=5e-5)
         errors[steps] = float(tf.reduce_max(tf.abs(rec - x0)))
-        np.testing.assert_allclose(ddim_reconstruct(d, oracle, x0).numpy(), rec.numpy(), atol=1e-6)
+        np.testing.assert_allclose(ddim_reconstruct(d, denoise_fn, x0).numpy(), rec.numpy(),
+                                   atol=1e-6)
     assert errors[T] < 0.01 and errors[T] < errors[200] / 3, errors
 
 
