@@ -123,11 +123,12 @@ class TrainingConfig:
     steps_per_execution: int = 1
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"
     num_replicas: int = 0  # mirrored on CPU: logical CPU devices; 0 = all GPUs / 1 CPU
+    worker_timeout_s: float = 120.0  # multi_worker: how long to wait for every worker to join
     log_every: int = 100
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     sample_every: int = 0  # 0 = only at the end
-    num_sample_images: int = 64
+    num_sample_images: int = 64  # per sample grid; 0 = no sample grids
     deterministic: bool = False  # tf.config.experimental.enable_op_determinism
     max_nonfinite_steps: int = 10  # stop after this many consecutive non-finite steps
     class_dropout: float = 0.1  # label -> null probability (classifier-free guidance)
@@ -376,6 +377,7 @@ def validate(cfg: RunConfig) -> None:
         ("training.keep_checkpoints", t.keep_checkpoints),
         ("training.steps_per_execution", t.steps_per_execution),
         ("training.max_nonfinite_steps", t.max_nonfinite_steps),
+        ("training.worker_timeout_s", t.worker_timeout_s),
         ("eval.steps", cfg.eval.steps), ("eval.batch_size", cfg.eval.batch_size),
         ("ipu.replicas", cfg.ipu.replicas),
     ]:
@@ -384,6 +386,7 @@ def validate(cfg: RunConfig) -> None:
         ("model.num_res_blocks", m.num_res_blocks), ("model.num_classes", m.num_classes),
         ("training.warmup_steps", t.warmup_steps), ("training.grad_clip", t.grad_clip),
         ("training.sample_every", t.sample_every), ("training.num_replicas", t.num_replicas),
+        ("training.num_sample_images", t.num_sample_images),
         ("eval.num_samples", cfg.eval.num_samples), ("diffusion.min_snr_gamma", d.min_snr_gamma),
         ("ipu.steps_per_execution", cfg.ipu.steps_per_execution),
     ]:

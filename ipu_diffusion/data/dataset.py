@@ -87,27 +87,39 @@ def _permutation(num: int, seed: int, epoch: tf.Tensor) -> tf.Tensor:
 
 
 def batches_from_arrays(images: np.ndarray, labels: Optional[np.ndarray], batch_size: int,
-                        seed: int, start_step: int = 0, random_flip: bool = False
-                        ) -> tf.data.Dataset:
+                        seed: int, start_step: int = 0, random_flip: bool = False,
+                        slices: Tuple[int, int, int] = (0, 1, 1)) -> tf.data.Dataset:
     """Infinite batches from in-memory arrays; batch ``b`` is a pure function of (seed,
     start_step + b), so a resumed run sees exactly the batches an uninterrupted one would.
 
     ``images``: uint8 [N, H, W, C] (kept as uint8 in memory: a quarter of float32) or
     float32 in [-1, 1]. Yields {image float32 [B,H,W,C], label int32 [B], index int64 [B]}.
+
+    ``slices = (first, count, total)`` cuts every global batch of ``batch_size`` into
+    ``total`` equal slices of S = B / total positions and yields only slices ``first ..
+    first + count - 1``, one element each, in order: element ``e`` is slice ``first + e %
+    count`` of batch ``start_step + e // count``, positions ``b*B + s*S .. b*B + s*S + S-1``
+    (one worker's share under data parallelism; only those examples are gathered).
     """
     num = int(images.shape[0])
     if batch_size <= 0:
         raise DataError(f"batch_size must be > 0, got {batch_size}")
     if batch_size > num:
         raise DataError(f"batch_size {batch_size} is larger than the data set ({num} images)")
+    first, count, total = (int(v) for v in slices)
+    if total <= 0 or count <= 0 or first < 0 or first + count > total or batch_size % total:
+        raise DataError(f"slices {tuple(slices)}: need 0 <= first, first + count <= total and "
+                        f"batch_size {batch_size} divisible by total")
+    size = batch_size // total
     images_t = tf.constant(images)
     labels_t = tf.constant(labels if labels is not None else np.zeros(num, np.int32), tf.int32)
 
-    def assemble(step):
-        pos = step * batch_size + tf.range(batch_size, dtype=tf.int64)  # [B]
-        first = pos[0] // num  # a batch spans at most two epochs (batch_size <= num)
-        perm = tf.concat([_permutation(num, seed, first), _permutation(num, seed, first + 1)], 0)
-        idx = tf.gather(perm, tf.cast(pos - first * num, tf.int32))
+    def assemble(element):
+        step, part = element // count, first + element % count
+        pos = step * batch_size + part * size + tf.range(size, dtype=tf.int64)  # [S]
+        epoch = pos[0] // num  # a batch spans at most two epochs (batch_size <= num)
+        perm = tf.concat([_permutation(num, seed, epoch), _permutation(num, seed, epoch + 1)], 0)
+        idx = tf.gather(perm, tf.cast(pos - epoch * num, tf.int32))
         x = tf.gather(images_t, idx)
         if x.dtype == tf.uint8:
             x = tf.cast(x, tf.float32) / 127.5 - 1.0
@@ -117,13 +129,14 @@ def batches_from_arrays(images: np.ndarray, labels: Optional[np.ndarray], batch_
             x = tf.where(mirrored[:, None, None, None], tf.reverse(x, axis=[2]), x)
         return {"image": x, "label": tf.gather(labels_t, idx), "index": pos}
 
-    ds = tf.data.Dataset.range(int(start_step), _INT64_MAX)
+    ds = tf.data.Dataset.range(int(start_step) * count, _INT64_MAX)
     ds = ds.map(assemble, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def make_dataset(run_config, batch_size: int, seed: int, split: str = "train",
-                 start_step: int = 0) -> tf.data.Dataset:
+                 start_step: int = 0, slices: Tuple[int, int, int] = (0, 1, 1)
+                 ) -> tf.data.Dataset:
     """Infinite, shuffled, deterministic batches of ``split`` as dicts:
 
     - ``image`` float32 ``[B, H, W, C]`` in [-1, 1], randomly flipped left-right when
@@ -131,8 +144,9 @@ def make_dataset(run_config, batch_size: int, seed: int, split: str = "train",
     - ``label`` int32 ``[B]`` (zeros when the source has no labels);
     - ``index`` int64 ``[B]``: batch ``b`` holds ``b*B .. b*B+B-1``.
 
-    ``start_step`` k starts at batch k of the same stream (exact resume).
+    ``start_step`` k starts at batch k of the same stream (exact resume); ``slices``
+    yields only some equal slices of each batch (see :func:`batches_from_arrays`).
     """
     images, labels = load_raw(run_config, split)
     return batches_from_arrays(images, labels, batch_size, seed, start_step,
-                               run_config.data.random_flip)
+                               run_config.data.random_flip, slices)

@@ -164,12 +164,19 @@ class SampleGridCallback(keras.callbacks.Callback):
 class StopGuard(keras.callbacks.Callback):
     """Stops ``fit`` cleanly on SIGTERM/SIGINT (the checkpoint callback then saves) or
     after ``max_nonfinite`` consecutive skipped steps (no save: the newest checkpoint is
-    the last good one). ``signal_received`` / ``model.abort_reason`` say which."""
+    the last good one). ``stop_signal`` / ``model.abort_reason`` say which.
 
-    def __init__(self, max_nonfinite: int):
+    With several workers, ``agree(signum) -> signum`` (every worker's call returns the
+    signal any of them received, 0 for none) runs at each batch end, so all stop at the
+    same step even when only one was signalled; the non-finite streak is already the
+    same everywhere (it comes from the all-reduced loss and gradient norm)."""
+
+    def __init__(self, max_nonfinite: int, agree: Optional[Callable[[int], int]] = None):
         super().__init__()
         self.max_nonfinite = int(max_nonfinite)
-        self.signal_received = None
+        self.agree = agree
+        self.signal_received = None  # a signal this process received
+        self._agreed = 0
         self._previous = {}
 
     def _handler(self, signum, frame):
@@ -189,11 +196,21 @@ class StopGuard(keras.callbacks.Callback):
         self._previous = {}
 
     @property
+    def stop_signal(self) -> int:
+        """The signal that stopped training (0: none): this process's own or, with
+        ``agree``, the one all workers agreed on at a batch end."""
+        if self.agree is None:
+            return self.signal_received or 0
+        return self._agreed
+
+    @property
     def stopped(self) -> bool:
-        return self.signal_received is not None or self.model.abort_reason is not None
+        return bool(self.stop_signal) or self.model.abort_reason is not None
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.signal_received is not None:
+        if self.agree is not None and not self._agreed:
+            self._agreed = self.agree(self.signal_received or 0)
+        if self.stop_signal:
             self.model.stop_training = True
         bad = int(self.model.guard.consecutive.numpy())
         if bad >= self.max_nonfinite:

@@ -14,6 +14,7 @@ import tensorflow as tf
 from ipu_diffusion._keras import keras
 from ipu_diffusion.config import ConfigError, RunConfig, load_config, save_config, to_dict
 from ipu_diffusion.training import callbacks as cb
+from ipu_diffusion.training import multi_worker as mw
 from ipu_diffusion.training.objective import DiffusionObjective
 from ipu_diffusion.training.trainer import DiffusionTrainer, build_optimizer_state, make_optimizer
 
@@ -51,18 +52,37 @@ class Run:
     checkpoint: tf.train.Checkpoint
     manager: tf.train.CheckpointManager
     restored_from: Optional[str] = None  # the checkpoint restore_latest restored
+    # Whether this process writes the run's files (config.yaml, checkpoints, sample grids,
+    # metrics.json, TensorBoard) and evaluates: the one process of a one-process run, the
+    # chief of a multi-process one (is_writer). The others write nothing in the workdir.
+    writer: bool = True
 
     @property
     def step(self) -> int:
         return int(self.trainer.optimizer.iterations.numpy())
 
 
-def make_strategy(cfg: RunConfig):
+def is_writer(cfg: RunConfig) -> bool:
+    """``Run.writer`` of a CPU/GPU run: True except on the non-chief workers of
+    ``training.strategy: multi_worker`` (``TF_CONFIG`` task.index > 0)."""
+    return cfg.training.strategy != "multi_worker" or _no_cluster_error(mw.cluster_for, cfg).is_chief
+
+
+def _no_cluster_error(fn, cfg: RunConfig):
+    try:
+        return fn(cfg)
+    except mw.ClusterError as e:
+        raise RunError(str(e)) from None
+
+
+def make_strategy(cfg: RunConfig, join: bool = True):
+    """The config's ``tf.distribute`` strategy; ``multi_worker`` without ``join`` is the
+    default (one-process) strategy."""
     t = cfg.training
-    if t.strategy == "default":
+    if t.strategy == "default" or (t.strategy == "multi_worker" and not join):
         return tf.distribute.get_strategy()
     if t.strategy == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _no_cluster_error(mw.strategy_for, cfg)
     gpus = tf.config.list_logical_devices("GPU")
     if gpus:
         devices = [d.name for d in gpus][: t.num_replicas or None]
@@ -80,12 +100,15 @@ def set_precision(precision: str) -> None:
     keras.mixed_precision.set_global_policy(precision)
 
 
-def build_run(cfg: RunConfig, workdir: str) -> Run:
-    """Build model, objective, trainer and checkpoint (nothing is restored yet)."""
+def build_run(cfg: RunConfig, workdir: str, join: bool = False) -> Run:
+    """Build model, objective, trainer and checkpoint (nothing is restored yet).
+
+    ``training.strategy: multi_worker`` joins the TF_CONFIG cluster only with ``join``
+    (``train``); otherwise (sampling, evaluating, inspecting a run) it is one process."""
     if cfg.training.deterministic:
         tf.config.experimental.enable_op_determinism()
     set_precision(cfg.training.precision)
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, join)
     if cfg.pipeline.stages > 1 and strategy.num_replicas_in_sync > 1:
         raise ConfigError("training.strategy: data-parallel replicas with pipeline.stages > 1 "
                           "run on IPUs only (ipu.replicas); use strategy 'default' here")
@@ -105,9 +128,14 @@ def build_run(cfg: RunConfig, workdir: str) -> Run:
     if sampler_state:
         objects["timestep_sampler"] = sampler_state
     checkpoint = tf.train.Checkpoint(**objects)
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(workdir, CHECKPOINT_DIR),
-                                         max_to_keep=cfg.training.keep_checkpoints)
-    return Run(cfg, workdir, strategy, unet, objective, trainer, checkpoint, manager)
+    writer = not join or is_writer(cfg)
+    if writer:
+        manager = tf.train.CheckpointManager(checkpoint, os.path.join(workdir, CHECKPOINT_DIR),
+                                             max_to_keep=cfg.training.keep_checkpoints)
+    else:
+        manager = mw.ScratchCheckpoints(checkpoint)
+    return Run(cfg, workdir, strategy, unet, objective, trainer, checkpoint, manager,
+               writer=writer)
 
 
 def _build_model(cfg: RunConfig, objective: DiffusionObjective):
@@ -271,62 +299,123 @@ def remove_interrupted_saves(workdir: str, log=_log) -> None:
 
 def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
           verbose: int = 1) -> Dict[str, Any]:
-    """Train to ``cfg.training.steps``; returns (and writes) ``metrics.json``'s content."""
-    from ipu_diffusion.data import make_dataset
+    """Train to ``cfg.training.steps``; returns (and, on the writer, writes)
+    ``metrics.json``'s content. Under ``training.strategy: multi_worker`` every worker runs
+    this; only the chief (``Run.writer``) touches the workdir and evaluates."""
     from ipu_diffusion.evaluation.run_eval import evaluate_run, merge_metrics
-    from ipu_diffusion.training.generate import sample_images
-    from ipu_diffusion.visualize import save_image_grid
 
     workdir = workdir or cfg.workdir
-    prepare_workdir(cfg, workdir, resume)
-    run = build_run(cfg, workdir)
-    start = start_from_checkpoint(run)
+    if is_writer(cfg):
+        prepare_workdir(cfg, workdir, resume)
+    run = build_run(cfg, workdir, join=True)
+    multi = cfg.training.strategy == "multi_worker"
     t = cfg.training
-
-    def stream_from(step: int):
-        return make_dataset(cfg, t.batch_size, cfg.run.seed, start_step=step)
-
-    tb = cb.TensorBoardCallback(os.path.join(workdir, "tensorboard"), t.log_every)
-    throughput = cb.ThroughputCallback(t.batch_size)
-    ckpt = cb.CheckpointCallback(run.manager, t.checkpoint_every)
-    grid = cb.SampleGridCallback(
-        workdir, t.sample_every,
-        lambda step: sample_images(run, t.num_sample_images, seed=cfg.run.seed),
-        # a conditional run cycles the labels 0..K-1: one column per class
-        lambda images, path: save_image_grid(images, path, ncols=cfg.model.num_classes or None),
-        t.steps, tb)
-    guard = cb.StopGuard(t.max_nonfinite_steps)
-    callbacks = [throughput, tb, ckpt, grid, guard]
-    began = time.time()
-    history = fit_in_chunks(run, stream_from, start, t.steps, t.log_every, callbacks, verbose,
-                             lambda: guard.stopped)
+    try:
+        start = _start(run, multi)
+        callbacks, grid, guard, throughput = _callbacks(run, multi)
+        began = time.time()
+        history = fit_in_chunks(run, _stream(run, multi), start, t.steps, t.log_every,
+                                callbacks, verbose if run.writer else 0, lambda: guard.stopped)
+    except mw.PEER_ERRORS as e:
+        if not multi:
+            raise
+        chief_dir = os.path.join(workdir, CHECKPOINT_DIR) if run.writer else None
+        raise RunError(mw.lost_worker(e, chief_dir)) from None
     wall = time.time() - began
-    if run.trainer.abort_reason is not None:
-        raise RunError(f"training stopped: {run.trainer.abort_reason}; the newest checkpoint "
-                       f"({run.manager.latest_checkpoint}) is the last good state. Lower "
-                       "training.lr or check the data, then resume with --resume")
-    if guard.signal_received is not None:
-        raise Interrupted(f"stopped by signal {guard.signal_received} at step {run.step}; "
-                          f"checkpoint saved in {os.path.join(workdir, CHECKPOINT_DIR)}. Resume: "
-                          f"python -m ipu_diffusion train --workdir {workdir} --resume",
-                          guard.signal_received)
-    if run.step >= t.steps and grid.last != run.step \
-            and not os.path.exists(os.path.join(workdir, "samples.png")):
+    _raise_if_stopped(run, guard, multi)
+    samples = os.path.join(workdir, "samples.png") if grid is not None else None
+    if grid is not None and run.step >= t.steps and grid.last != run.step \
+            and not os.path.exists(samples):
         grid.set_model(run.trainer)  # killed after the final checkpoint, before the final grid
         grid.write()
     metrics = {
         "steps": run.step, "resumed_from": start, "wall_time_s": round(wall, 2),
         "img_per_s": round(throughput.img_per_s, 2),
         "final_loss": history.get("loss"), "final_grad_norm": history.get("grad_norm"),
-        "skipped_nonfinite_steps": int(run.trainer.guard.total.numpy()),
-        "samples": os.path.join(workdir, "samples.png"),
+        "skipped_nonfinite_steps": int(run.trainer.guard.total.numpy()), "samples": samples,
     }
+    if not run.writer:
+        return metrics
     merge_metrics(workdir, metrics)
     if cfg.eval.at_end and cfg.eval.num_samples:
         e = cfg.eval
         metrics["eval"] = evaluate_run(run, e.num_samples, e.sampler, e.steps, e.eta,
                                        seed=cfg.run.seed, verbose=bool(verbose))
     return metrics
+
+
+def _raise_if_stopped(run: Run, guard: cb.StopGuard, multi: bool) -> None:
+    """RunError after a non-finite streak, Interrupted after a signal (on every worker)."""
+    newest = run.manager.latest_checkpoint if run.writer else "the chief's newest"
+    if run.trainer.abort_reason is not None:
+        raise RunError(f"training stopped: {run.trainer.abort_reason}; the newest checkpoint "
+                       f"({newest}) is the last good state. Lower training.lr or check the "
+                       "data, then resume with --resume" + (" on every worker" if multi else ""))
+    signum = guard.stop_signal or guard.signal_received  # or one after the last step
+    if not signum:
+        return
+    by = "" if guard.signal_received else " (received by another worker)"
+    if run.writer:
+        saved = f"checkpoint saved in {os.path.join(run.workdir, CHECKPOINT_DIR)}"
+    else:
+        saved = "the chief saved a checkpoint"
+    again = f"python -m ipu_diffusion train --workdir {run.workdir} --resume"
+    if multi:  # only the chief's workdir holds config.yaml
+        again = f"restart every worker with its TF_CONFIG, --config and --resume ({again})"
+    raise Interrupted(f"stopped by signal {signum}{by} at step {run.step}; {saved}. "
+                      f"Resume: {again}", signum)
+
+
+def _start(run: Run, multi: bool) -> int:
+    """Restore the newest checkpoint (the writer only) and return the step to start from;
+    under multi_worker every worker then holds the chief's state."""
+    start = start_from_checkpoint(run) if run.writer else 0
+    if multi and mw.chief_says(run.strategy, run.restored_from is not None, run.writer):
+        # the chief's restored state on every worker (a new run's state agrees already:
+        # the strategy gives every variable the chief's initial value)
+        mw.broadcast_from_chief(run.strategy, mw.state_variables(run))
+        start = run.step
+    return start
+
+
+def _stream(run: Run, multi: bool):
+    """``step -> dataset`` from that step on; under multi_worker each worker builds only
+    its replicas' slices of every global batch."""
+    from ipu_diffusion.data import make_dataset
+
+    cfg = run.cfg
+    batch, seed = cfg.training.batch_size, cfg.run.seed
+    if not multi:
+        return lambda step: make_dataset(cfg, batch, seed, start_step=step)
+    return lambda step: mw.distributed_stream(
+        run.strategy, lambda slices: make_dataset(cfg, batch, seed, start_step=step, slices=slices))
+
+
+def _callbacks(run: Run, multi: bool):
+    """``(callbacks, grid or None, guard, throughput)``: checkpoints on every process
+    (non-writers save into scratch directories), TensorBoard and sample grids
+    (``training.num_sample_images`` > 0) on the writer only."""
+    from ipu_diffusion.training.generate import ema_unet, sample_images
+    from ipu_diffusion.visualize import save_image_grid
+
+    cfg, t, workdir = run.cfg, run.cfg.training, run.workdir
+    throughput = cb.ThroughputCallback(t.batch_size)
+    guard = cb.StopGuard(t.max_nonfinite_steps, mw.SignalAgreement(run.strategy) if multi else None)
+    ckpt = cb.CheckpointCallback(run.manager, t.checkpoint_every)
+    if not run.writer:
+        return [throughput, ckpt, guard], None, guard, throughput
+    tb = cb.TensorBoardCallback(os.path.join(workdir, "tensorboard"), t.log_every)
+    if not t.num_sample_images:
+        return [throughput, tb, ckpt, guard], None, guard, throughput
+    if multi:  # Keras 2 runs callbacks in the strategy's scope: make no variables there
+        ema_unet(run)
+    grid = cb.SampleGridCallback(
+        workdir, t.sample_every,
+        lambda step: sample_images(run, t.num_sample_images, seed=cfg.run.seed),
+        # a conditional run cycles the labels 0..K-1: one column per class
+        lambda images, path: save_image_grid(images, path, ncols=cfg.model.num_classes or None),
+        t.steps, tb)
+    return [throughput, tb, ckpt, grid, guard], grid, guard, throughput
 
 
 def fit_in_chunks(run: Run, stream_from, start: int, total: int, chunk: int, callbacks,

@@ -131,6 +131,19 @@ class DiffusionTrainer(keras.Model):
     def metrics(self):
         return [self.loss_tracker, self.gnorm_tracker, self.lr_tracker]
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras 3 (TF backend) builds the model symbolically from a first batch before
+        ``fit`` under ``tf.distribute``, averaging that batch over replicas with
+        ``strategy.reduce``, which ``MultiWorkerMirroredStrategy`` cannot do on a dict (the
+        ``Attempt to convert a value ({'image': PerReplica...})`` error; keras-team/keras
+        #20585). Nothing here needs it: the U-Net is built on construction, the optimizer
+        by :func:`build_optimizer_state`, and there are no compiled losses or metrics. So
+        multi-worker runs skip it (also a symbolic forward pass saved); Keras 2 never
+        calls this."""
+        if self._multi_worker:
+            return None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def call(self, inputs, training=False):
         """Per-example loss [B] of a data batch (what ``fit`` builds the model with)."""
         terms, _ = self.per_example_losses(self.carry_from_batch(inputs), training=training)
@@ -224,13 +237,29 @@ class DiffusionTrainer(keras.Model):
         lr = self.optimizer.learning_rate
         lr = lr(step) if callable(lr) else lr
         finite = tf.logical_and(tf.math.is_finite(loss), tf.math.is_finite(gnorm))
-        self._apply_if_finite(grads, variables, finite, replicas)
+        # a multi-worker strategy synchronises in apply_gradients even with one replica
+        self._apply_if_finite(grads, variables, finite, 2 if self._multi_worker else replicas)
         self.ema.update(variables, step, active=finite)
         self.guard.record(finite)
         self.loss_tracker.update_state(tf.where(finite, loss, 0.0))
         self.gnorm_tracker.update_state(tf.where(finite, gnorm, 0.0))
         self.lr_tracker.update_state(lr)
-        return {m.name: m.result() for m in self.metrics}
+        logs = {m.name: m.result() for m in self.metrics}
+        if IS_KERAS3 and self._multi_worker and self._workers > 1:
+            # Keras 3 averages step outputs over workers with strategy.reduce(MEAN, axis=0),
+            # which rejects scalars; shape [1] averages to the same scalar.
+            logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
+
+    @property
+    def _multi_worker(self) -> bool:
+        return isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+    @property
+    def _workers(self) -> int:
+        spec = self.distribute_strategy.cluster_resolver.cluster_spec()
+        return spec.num_tasks("worker") if "worker" in spec.jobs else 1
+
 
 def build_optimizer_state(trainer: DiffusionTrainer) -> None:
     """Create the optimizer's slot variables now, so a checkpoint can restore them."""
