@@ -265,6 +265,7 @@ def train(run_config: RunConfig, workdir: Optional[str] = None, resume: bool = F
     if writer:
         run_lib.prepare_workdir(cfg, workdir, resume)
     run, plan = build_ipu_run(cfg, workdir, system_ipus)
+    run.writer = writer
     if writer:
         print(describe(plan))
         start = run_lib.start_from_checkpoint(run)
