@@ -212,9 +212,16 @@ class StopGuard(keras.callbacks.Callback):
             self._agreed = self.agree(self.signal_received or 0)
         if self.stop_signal:
             self.model.stop_training = True
-        bad = int(self.model.guard.consecutive.numpy())
-        if bad >= self.max_nonfinite:
-            self.model.abort_reason = (
-                f"{bad} consecutive steps up to step {_step(self.model)} had a non-finite loss "
-                f"or gradient norm (training.max_nonfinite_steps = {self.max_nonfinite})")
+        reason = self.nonfinite_reason(logs or {})
+        if reason is not None:
+            self.model.abort_reason = reason
             self.model.stop_training = True
+
+    def nonfinite_reason(self, logs) -> Optional[str]:
+        """Why training must stop for non-finite steps, or None: ``max_nonfinite``
+        consecutive skipped steps (the trainer's ``guard`` counts them)."""
+        bad = int(self.model.guard.consecutive.numpy())
+        if bad < self.max_nonfinite:
+            return None
+        return (f"{bad} consecutive steps up to step {_step(self.model)} had a non-finite loss "
+                f"or gradient norm (training.max_nonfinite_steps = {self.max_nonfinite})")

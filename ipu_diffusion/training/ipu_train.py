@@ -161,14 +161,12 @@ class IPUStopGuard(cb.StopGuard):
     pipelined step, so training stops at the first execution whose loss is not finite,
     without saving: the newest checkpoint stays the last good state."""
 
-    def on_train_batch_end(self, batch, logs=None):
-        if self.signal_received is not None:
-            self.model.stop_training = True
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.model.abort_reason = (f"the loss was not finite ({float(loss)}) at step "
-                                       f"{int(self.model.optimizer.iterations.numpy())}")
-            self.model.stop_training = True
+    def nonfinite_reason(self, logs) -> Optional[str]:
+        loss = logs.get("loss")
+        if loss is None or math.isfinite(float(loss)):
+            return None
+        return (f"the loss was not finite ({float(loss)}) at step "
+                f"{int(self.model.optimizer.iterations.numpy())}")
 
 
 # --------------------------------------------------------------------------- data
@@ -293,11 +291,11 @@ def train(run_config: RunConfig, workdir: Optional[str] = None, resume: bool = F
         raise run_lib.RunError(f"training stopped: {abort}; the newest checkpoint "
                                f"({run.manager.latest_checkpoint}) is the last good state. "
                                "Lower training.lr or check the data, then resume with --resume")
-    if guard.signal_received is not None:
+    if guard.stop_signal:
         raise run_lib.Interrupted(
-            f"stopped by signal {guard.signal_received} at step {run.step}; checkpoint saved in "
+            f"stopped by signal {guard.stop_signal} at step {run.step}; checkpoint saved in "
             f"{os.path.join(workdir, run_lib.CHECKPOINT_DIR)}. Resume: python -m ipu_diffusion "
-            f"train-ipu --workdir {workdir} --resume", guard.signal_received)
+            f"train-ipu --workdir {workdir} --resume", guard.stop_signal)
     metrics = {"backend": "ipu", "ipus": plan.total_ipus, "steps": run.step,
                "resumed_from": start, "wall_time_s": round(time.time() - began, 2),
                "img_per_s": round(throughput.img_per_s, 2), "final_loss": logs.get("loss"),
