@@ -27,11 +27,11 @@ def make_fns(cfg, batch: int, chains: Dict[str, tuple]):
     from ipu_diffusion.diffusion import sampling
     from ipu_diffusion.models.unet import build_unet
     from ipu_diffusion.training.generate import denoise_fn_for
-    from ipu_diffusion.training.objective import make_diffusion
+    from ipu_diffusion.diffusion.gaussian import GaussianDiffusion
 
     unet = build_unet(cfg.model, zero_init=False)
     denoise = denoise_fn_for(unet)
-    diffusion = make_diffusion(cfg.diffusion)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     m = cfg.model
     shape = (batch, m.image_size, m.image_size, m.in_channels)
     x = tf.random.stateless_normal(shape, seed=[0, 1])

@@ -18,15 +18,13 @@ Notation (Ho et al. 2020; Nichol & Dhariwal 2021 "N&D"; index i <-> paper t = i 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
+from ipu_diffusion.config import ConfigError, DiffusionConfig
 from ipu_diffusion.diffusion.schedules import make_betas
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ipu_diffusion.config import DiffusionConfig
 
 MEAN_TYPES: Tuple[str, ...] = ("eps", "x0", "v")
 VAR_TYPES: Tuple[str, ...] = ("fixed_small", "fixed_large", "learned_range")
@@ -83,10 +81,15 @@ class GaussianDiffusion:
         self._f32: Dict[str, np.ndarray] = {}
 
     @classmethod
-    def from_config(cls, cfg: "DiffusionConfig") -> "GaussianDiffusion":
-        """Build from a ``config.DiffusionConfig`` (schedule, timesteps and the three types)."""
-        return cls(make_betas(cfg.schedule, cfg.timesteps), mean_type=cfg.mean_type,
-                   var_type=cfg.var_type, loss_type=cfg.loss_type)
+    def from_config(cls, cfg: DiffusionConfig) -> "GaussianDiffusion":
+        """Build from a ``config.DiffusionConfig`` (schedule, timesteps and the three
+        types); a schedule the timestep count cannot hold is a ConfigError naming both."""
+        try:
+            betas = make_betas(cfg.schedule, cfg.timesteps)
+        except ValueError as e:
+            raise ConfigError(f"diffusion.timesteps: {cfg.timesteps} does not suit "
+                              f"diffusion.schedule {cfg.schedule!r}: {e}") from None
+        return cls(betas, mean_type=cfg.mean_type, var_type=cfg.var_type, loss_type=cfg.loss_type)
 
     def _check_map(self, timestep_map: Optional[Sequence[int]]) -> np.ndarray:
         if timestep_map is None:

@@ -128,6 +128,8 @@ def training_losses(diffusion: GaussianDiffusion, model_out, x0, x_t, t, noise,
       ``kl``: T * vb, an unbiased one-sample estimate of L_vlb = sum_t L_t in bits/dim.
       w_snr is :func:`min_snr_weight` if ``min_snr_gamma > 0`` else 1. The result is
       multiplied by ``weights`` (importance weights from a timestep sampler) if given.
+    - ``"unweighted_loss"``: ``loss`` before that multiplication (what a loss-aware
+      timestep sampler records; improved-diffusion's ``losses["loss"]``).
     """
     if min_snr_gamma < 0:
         raise ValueError(f"min_snr_gamma: must be >= 0 (0 = off), got {min_snr_gamma!r}")
@@ -150,6 +152,7 @@ def training_losses(diffusion: GaussianDiffusion, model_out, x0, x_t, t, noise,
     else:
         terms["vb"] = vb_terms_bpd(diffusion, model_out, x0, x_t, t, clip_denoised=False)
         loss = T * terms["vb"]
+    terms["unweighted_loss"] = loss
     if weights is not None:
         loss = loss * tf.cast(weights, tf.float32)
     terms["loss"] = loss

@@ -9,7 +9,7 @@ estimate of the uniform-t loss (Nichol & Dhariwal 2021, section 3.3, eq. 18).
     sampler = make_timestep_sampler("loss_aware", 1000)
     t, w = sampler.sample(rng.uniform(keys, (), salt))
     ...
-    sampler.update(t, tf.stop_gradient(losses["vb"]))   # loss_aware only; in-graph
+    sampler.update(t, tf.stop_gradient(unweighted_losses))   # loss_aware only; in-graph
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def _inverse_cdf(probs: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
 class UniformSampler:
     """t ~ Uniform{0, ..., T-1} with unit weights (Ho et al. 2020, algorithm 1)."""
 
+    learns = False  # no state: nothing to update or checkpoint
+
     def __init__(self, num_timesteps: int):
         if num_timesteps < 1:
             raise ValueError(f"num_timesteps: must be >= 1, got {num_timesteps!r}")
@@ -46,14 +48,18 @@ class UniformSampler:
         return t, tf.ones_like(u)
 
 
-class LossAwareSampler:
+class LossAwareSampler(tf.Module):
     """Importance sampling of t by loss history (Nichol & Dhariwal 2021, eq. 18).
 
     p(t) ∝ sqrt(E[L_t^2]) over the last ``history`` losses recorded for each t, mixed with
     the uniform distribution by ``uniform_prob``; uniform until every t has ``history``
-    entries. State lives in non-trainable ``tf.Variable``s (create the sampler outside any
-    ``tf.function``; under a distribution strategy, inside its scope, and call ``update``
-    with the *global* batch, i.e. t and losses gathered over replicas, from every replica).
+    entries. L_t is the *unweighted* per-example loss: fed the importance-weighted loss
+    w L_t with w ∝ 1 / p(t), the fixed point would be p ∝ sqrt(rms L_t) instead.
+
+    State lives in non-trainable ``tf.Variable``s, tracked by this ``tf.Module`` so a
+    ``tf.train.Checkpoint`` holds it (create the sampler outside any ``tf.function``;
+    under a distribution strategy, inside its scope, and call ``update`` with the *global*
+    batch, i.e. t and losses gathered over replicas, from every replica).
 
     Notation: history ``[T, K]`` (oldest first), counts ``[T]`` int32, K = ``history``.
     """
@@ -65,6 +71,7 @@ class LossAwareSampler:
             raise ValueError(f"history: must be >= 1, got {history!r}")
         if not 0.0 <= uniform_prob <= 1.0:
             raise ValueError(f"uniform_prob: must be in [0, 1], got {uniform_prob!r}")
+        super().__init__(name="loss_aware_sampler")
         self.num_timesteps, self.history_per_term = int(num_timesteps), int(history)
         self.uniform_prob = float(uniform_prob)
         kw = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
@@ -96,8 +103,11 @@ class LossAwareSampler:
         weights = 1.0 / (self.num_timesteps * tf.gather(p, t))
         return t, weights
 
-    def update(self, t: tf.Tensor, losses: tf.Tensor) -> None:
-        """Append ``losses`` float ``[B]`` to the history of their ``t`` int ``[B]``.
+    learns = True
+
+    def update(self, t: tf.Tensor, losses: tf.Tensor, active=True) -> None:
+        """Append ``losses`` float ``[B]`` to the history of their ``t`` int ``[B]``;
+        with ``active`` false (a skipped training step) the state is left as it is.
 
         Same result as appending the examples one by one in batch order (a full row
         drops its oldest entry), done with vectorised gathers and one scatter so it runs
@@ -125,8 +135,8 @@ class LossAwareSampler:
         idx = tf.stack([rows, tf.maximum(slot, 0)], axis=1)
         padded = tf.concat([new_hist, tf.zeros([1, K], tf.float32)], axis=0)
         new_hist = tf.tensor_scatter_nd_update(padded, idx, losses)[:T]
-        self.loss_history.assign(new_hist)
-        self.loss_counts.assign(tf.minimum(total, K))
+        self.loss_history.assign(tf.where(active, new_hist, hist))
+        self.loss_counts.assign(tf.where(active, tf.minimum(total, K), counts))
 
 
 def make_timestep_sampler(name: str, num_timesteps: int, **kwargs):

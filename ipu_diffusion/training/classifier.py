@@ -30,11 +30,11 @@ import tensorflow as tf
 
 from ipu_diffusion._keras import keras
 from ipu_diffusion.config import ModelConfig, RunConfig, config_from_dict, to_dict
+from ipu_diffusion.diffusion.gaussian import GaussianDiffusion
 from ipu_diffusion.diffusion.guidance import GuidanceError
 from ipu_diffusion.models import layers as L
 from ipu_diffusion.models.plan import BlockPlan, plan_unet
 from ipu_diffusion.models.unet import make_block_layer
-from ipu_diffusion.training.objective import make_diffusion
 
 WEIGHTS_FILE = "classifier_weights.npz"  # the get_weights() list: w0, w1, ...
 RECORD_FILE = "classifier.json"
@@ -195,7 +195,7 @@ def train_classifier(cfg: RunConfig, workdir: str, steps: int = 500,
     images, labels = _labelled(cfg, "train")
     split = "test" if cfg.data.source in ("digits", "tfds") else "train"
     held_images, held_labels = _labelled(cfg, split)
-    diffusion = make_diffusion(cfg.diffusion)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     keras.utils.set_random_seed(cfg.run.seed)
     model = build_classifier_model(cfg.model, cfg.model.num_classes)
     step = _train_step_fn(model, diffusion, keras.optimizers.Adam(lr), cfg.run.seed)

@@ -38,7 +38,8 @@ from ipu_diffusion.config import RunConfig, TrainingConfig
 from ipu_diffusion.pipeline import ipu
 from ipu_diffusion.pipeline.ipu_plan import IPUPlan, describe, fit_steps, ipu_plan
 from ipu_diffusion.training import callbacks as cb
-from ipu_diffusion.training.trainer import EMA, build_optimizer_state, lr_schedule
+from ipu_diffusion.training.trainer import (EMA, build_optimizer_state, clip_gradients,
+                                            ema_decay_at, lr_schedule)
 
 
 # --------------------------------------------------------------------------- loss, optimizer
@@ -62,8 +63,7 @@ def gradient_transformers(divisor: float, clip_norm: float) -> List[Callable]:
 
     def clip(grads_and_vars):
         pairs = [(g, v) for g, v in grads_and_vars if g is not None]
-        clipped, _ = tf.clip_by_global_norm([g for g, _ in pairs], clip_norm)
-        return list(zip(clipped, [v for _, v in pairs]))
+        return list(zip(clip_gradients([g for g, _ in pairs], clip_norm), [v for _, v in pairs]))
 
     return [rescale, clip] if clip_norm > 0 else [rescale]
 
@@ -71,7 +71,8 @@ def gradient_transformers(divisor: float, clip_norm: float) -> List[Callable]:
 def ema_optimizer_class(base: type) -> type:
     """``base`` (a Keras 2 ``OptimizerV2``, e.g. Adam) that also keeps an ``ema`` slot per
     variable, updated after the variable's own update with the trainer's rule
-    ``decay_n = min(decay, (1 + n) / (10 + n))``, ``n`` = updates done including this one."""
+    (:func:`~ipu_diffusion.training.trainer.ema_decay_at`, ``n`` = updates done including
+    this one)."""
 
     class EMAOptimizer(base):
         def __init__(self, ema_decay: float, **kwargs):
@@ -85,8 +86,7 @@ def ema_optimizer_class(base: type) -> type:
 
         def _ema_update(self, var, update):
             with tf.control_dependencies([update]):
-                n = tf.cast(self.iterations, tf.float32) + 1.0
-                decay = tf.minimum(self.ema_decay, (1.0 + n) / (10.0 + n))
+                decay = ema_decay_at(self.ema_decay, self.iterations + 1)
                 ema = self.get_slot(var, "ema")
                 new = decay * ema + (1.0 - decay) * tf.cast(var.read_value(), ema.dtype)
                 return tf.group(update, ema.assign(new))

@@ -6,10 +6,13 @@ random draw is keyed by the example's key (ipu_diffusion.rng), so any split of t
 batch into microbatches or replicas gives exactly the full-batch numbers.
 
     carry -> front -> {x_t, t, noise, weight} -> U-Net -> out -> loss -> {loss [B]}
+
+With a loss-aware timestep sampler the loss block also writes ``sampler_loss`` [B], the
+loss without its importance weight, which the trainer feeds back to the sampler.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Tuple
 
 import tensorflow as tf
 
@@ -17,18 +20,11 @@ from ipu_diffusion import rng
 from ipu_diffusion.config import DiffusionConfig
 from ipu_diffusion.diffusion.gaussian import GaussianDiffusion
 from ipu_diffusion.diffusion.losses import make_timestep_sampler, training_losses
-from ipu_diffusion.diffusion.schedules import make_betas
 from ipu_diffusion.models.carry import BlockSpec
 
 SALT_T = rng.salt_of("timestep")
 SALT_NOISE = rng.salt_of("noise")
 SALT_LABEL_DROP = rng.salt_of("label_dropout")
-
-
-def make_diffusion(cfg: DiffusionConfig) -> GaussianDiffusion:
-    """The :class:`GaussianDiffusion` a config describes."""
-    return GaussianDiffusion(make_betas(cfg.schedule, cfg.timesteps), mean_type=cfg.mean_type,
-                             var_type=cfg.var_type, loss_type=cfg.loss_type)
 
 
 class DiffusionObjective:
@@ -41,14 +37,20 @@ class DiffusionObjective:
 
     def __init__(self, cfg: DiffusionConfig, num_classes: int = 0, class_dropout: float = 0.0):
         self.cfg = cfg
-        self.diffusion = make_diffusion(cfg)
+        self.diffusion = GaussianDiffusion.from_config(cfg)
         self.sampler = make_timestep_sampler(cfg.timestep_sampler, cfg.timesteps)
         self.num_classes = num_classes
         self.class_dropout = class_dropout if num_classes else 0.0
         label = ("y",) if num_classes else ()
         self.front_spec = BlockSpec("front", ("x0", "key") + label,
                                     ("x_t", "t", "noise", "weight") + label)
-        self.loss_spec = BlockSpec("loss", ("out", "x0", "x_t", "t", "noise", "weight"), ("loss",))
+        self.loss_spec = BlockSpec("loss", ("out", "x0", "x_t", "t", "noise", "weight"),
+                                   ("loss",) + self.sampler_keys)
+
+    @property
+    def sampler_keys(self) -> Tuple[str, ...]:
+        """Per-example outputs of the loss block a learning timestep sampler reads."""
+        return ("sampler_loss",) if self.sampler.learns else ()
 
     def front(self, carry: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         x0, key = carry["x0"], carry["key"]
@@ -78,9 +80,8 @@ class DiffusionObjective:
                                hybrid_lambda=self.cfg.hybrid_lambda)
 
     def loss(self, carry: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-        return {"loss": self.terms(carry)["loss"]}
-
-    def update_sampler(self, t: tf.Tensor, losses: tf.Tensor) -> Optional[tf.Operation]:
-        """Feed per-example losses to a loss-aware timestep sampler (no-op otherwise)."""
-        update = getattr(self.sampler, "update", None)
-        return update(t, losses) if update is not None else None
+        terms = self.terms(carry)
+        out = {"loss": terms["loss"]}
+        if self.sampler.learns:
+            out["sampler_loss"] = tf.stop_gradient(terms["unweighted_loss"])
+        return out

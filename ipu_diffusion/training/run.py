@@ -124,9 +124,10 @@ def build_run(cfg: RunConfig, workdir: str, join: bool = False) -> Run:
         build_optimizer_state(trainer)
     objects = {"unet": unet.keras_model, "optimizer": trainer.optimizer, "ema": trainer.ema,
                "guard": trainer.guard}
-    sampler_state = getattr(objective.sampler, "checkpoint_objects", None)
-    if sampler_state:
-        objects["timestep_sampler"] = sampler_state
+    if objective.sampler.learns:  # its loss history decides the next steps' timesteps
+        objects["timestep_sampler"] = objective.sampler
+    if trainer.loss_scale is not None:
+        objects["loss_scale"] = trainer.loss_scale
     checkpoint = tf.train.Checkpoint(**objects)
     writer = not join or is_writer(cfg)
     if writer:
@@ -153,7 +154,8 @@ def _build_model(cfg: RunConfig, objective: DiffusionObjective):
     from ipu_diffusion.pipeline.fallback import build_placed_executor
 
     return build_placed_executor(build, objective, cfg.pipeline,
-                                 global_batch=cfg.training.batch_size, report_keys=("t",))
+                                 global_batch=cfg.training.batch_size,
+                                 report_keys=("t",) + objective.sampler_keys)
 
 
 def _log(message: str) -> None:
@@ -334,6 +336,8 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
         "final_loss": history.get("loss"), "final_grad_norm": history.get("grad_norm"),
         "skipped_nonfinite_steps": int(run.trainer.guard.total.numpy()), "samples": samples,
     }
+    if run.trainer.loss_scale is not None:  # mixed_float16: steps skipped to lower the scale
+        metrics["loss_scale_overflows"] = int(run.trainer.loss_scale.overflows.numpy())
     if not run.writer:
         return metrics
     merge_metrics(workdir, metrics)

@@ -52,39 +52,51 @@ def lr_schedule(cfg: TrainingConfig) -> WarmupSchedule:
 
 
 def make_optimizer(cfg: TrainingConfig):
-    """Adam with the warmup (and decay) of :func:`lr_schedule`; fp16 gets dynamic loss scaling."""
-    opt = keras.optimizers.Adam(learning_rate=lr_schedule(cfg),
-                                beta_1=cfg.adam_beta1, beta_2=cfg.adam_beta2, epsilon=cfg.adam_eps)
-    if cfg.precision == "mixed_float16":
-        opt = keras.mixed_precision.LossScaleOptimizer(opt)
-    return opt
+    """Adam with the warmup (and decay) of :func:`lr_schedule`. Loss scaling for
+    ``mixed_float16`` is the trainer's :class:`DynamicLossScale`, not a Keras wrapper."""
+    return keras.optimizers.Adam(learning_rate=lr_schedule(cfg), beta_1=cfg.adam_beta1,
+                                 beta_2=cfg.adam_beta2, epsilon=cfg.adam_eps)
+
+
+def ema_decay_at(decay: float, n) -> tf.Tensor:
+    """The EMA decay after ``n`` updates (this one included): min(decay, (1 + n) / (10 + n)),
+    so early averages are not dominated by the random initialisation. The CPU trainer's
+    :class:`EMA` and the IPU optimizer's EMA slots both use it."""
+    n = tf.cast(n, tf.float32)
+    return tf.minimum(float(decay), (1.0 + n) / (10.0 + n))
+
+
+def clip_gradients(grads: List[tf.Tensor], clip_norm: float, norm=None) -> List[tf.Tensor]:
+    """``training.grad_clip``: scale ``grads`` so their global norm is at most ``clip_norm``
+    (``norm``: that norm if already known); ``clip_norm`` <= 0 leaves them as they are."""
+    if clip_norm <= 0:
+        return list(grads)
+    clipped, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=norm)
+    return clipped
+
+
+# Each variable below is the same on every replica and is updated from replica context
+# with values every replica computes alike; ONLY_FIRST_REPLICA makes that legal.
+_SYNCED = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
 
 class EMA(tf.Module):
-    """Exponential moving average of weights, kept in float32 shadow variables.
-
-    decay_n = min(decay, (1 + n) / (10 + n)) at update n, so early averages are not
-    dominated by the random initialisation. ONLY_FIRST_REPLICA aggregation lets the
-    update run in replica context under tf.distribute (every replica computes the same
-    value from synchronised weights).
-    """
+    """Exponential moving average of weights, kept in float32 shadow variables, with the
+    decay of :func:`ema_decay_at`."""
 
     def __init__(self, variables: List[Any], decay: float):
         super().__init__(name="ema")
         self.decay = float(decay)
-        self.shadow = [
-            tf.Variable(tf.convert_to_tensor(v), trainable=False, name=f"ema_{i}",
-                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            for i, v in enumerate(variables)
-        ]
+        self.shadow = [tf.Variable(tf.convert_to_tensor(v), name=f"ema_{i}", **_SYNCED)
+                       for i, v in enumerate(variables)]
 
-    def update(self, variables: List[Any], step: tf.Tensor, active=True) -> None:
-        """One EMA step; with ``active`` false (a skipped step) the shadow is unchanged."""
-        n = tf.cast(step, tf.float32)
-        decay = tf.minimum(self.decay, (1.0 + n) / (10.0 + n))
-        decay = tf.where(active, decay, 1.0)
+    def update(self, variables: List[Any], n, active=True) -> None:
+        """One EMA step after update ``n``; with ``active`` false (a skipped step) the
+        shadow is left exactly as it is."""
+        decay = ema_decay_at(self.decay, n)
         for s, v in zip(self.shadow, variables):
-            s.assign(decay * s + (1.0 - decay) * tf.cast(tf.convert_to_tensor(v), s.dtype))
+            new = decay * s + (1.0 - decay) * tf.cast(tf.convert_to_tensor(v), s.dtype)
+            s.assign(tf.where(active, new, s))
 
     def copy_to(self, variables: List[Any]) -> None:
         for s, v in zip(self.shadow, variables):
@@ -92,27 +104,65 @@ class EMA(tf.Module):
 
 
 class NonFiniteGuard(tf.Module):
-    """Counts steps whose loss or gradient norm is not finite (they are skipped: no
-    optimizer or EMA update; the step counter does not advance)."""
+    """Counts skipped steps: those whose loss or gradient norm is not finite, except
+    loss-scale overflows (see :class:`DynamicLossScale`)."""
 
     def __init__(self):
         super().__init__(name="nonfinite_guard")
-        agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
-        self.consecutive = tf.Variable(0, trainable=False, dtype=tf.int64, aggregation=agg)
-        self.total = tf.Variable(0, trainable=False, dtype=tf.int64, aggregation=agg)
+        self.consecutive = tf.Variable(0, dtype=tf.int64, **_SYNCED)
+        self.total = tf.Variable(0, dtype=tf.int64, **_SYNCED)
 
-    def record(self, finite: tf.Tensor) -> None:
-        bad = tf.cast(tf.logical_not(finite), tf.int64)
+    def record(self, failed: tf.Tensor) -> None:
+        bad = tf.cast(failed, tf.int64)
         self.consecutive.assign((self.consecutive + 1) * bad)
         self.total.assign_add(bad)
 
 
+class DynamicLossScale(tf.Module):
+    """Dynamic loss scaling for ``mixed_float16`` (Micikevicius et al. 2018), with Keras'
+    constants: the loss is multiplied by ``scale`` (initially 2^15) before the backward
+    pass and the gradients divided by it after, before their norm is taken or clipped.
+    A step whose scaled gradients overflow is skipped and halves the scale (not below 1);
+    ``growth_interval`` finite steps in a row double it. An overflow is counted in
+    ``overflows`` and is not a failure, unless the scale is already 1."""
+
+    def __init__(self, initial: float = 2.0 ** 15, growth_interval: int = 2000):
+        super().__init__(name="loss_scale")
+        self.growth_interval = int(growth_interval)
+        self.scale = tf.Variable(float(initial), dtype=tf.float32, **_SYNCED)
+        self.good_steps = tf.Variable(0, dtype=tf.int64, **_SYNCED)
+        self.overflows = tf.Variable(0, dtype=tf.int64, **_SYNCED)
+
+    def update(self, loss_finite: tf.Tensor, grads_finite: tf.Tensor) -> tf.Tensor:
+        """Adjust the scale after a step; returns whether the step was an overflow (a
+        finite loss whose gradients did not fit at a scale above 1)."""
+        scale = self.scale.read_value()
+        overflow = tf.logical_and(loss_finite, tf.logical_not(grads_finite)) & (scale > 1.0)
+        grow = tf.logical_and(grads_finite, self.good_steps + 1 >= self.growth_interval)
+        self.scale.assign(tf.where(grads_finite, tf.where(grow, scale * 2.0, scale),
+                                   tf.maximum(scale / 2.0, 1.0)))
+        self.good_steps.assign(tf.where(grads_finite & ~grow, self.good_steps + 1, 0))
+        self.overflows.assign_add(tf.cast(overflow, tf.int64))
+        return overflow
+
+
 class DiffusionTrainer(keras.Model):
-    """Trains ``unet`` on ``objective``; ``fit`` expects batches from training.stream."""
+    """Trains ``unet`` on ``objective``; ``fit`` expects batches from training.stream.
+
+    A step whose loss or gradient norm is not finite is skipped: the weights, the EMA
+    shadow, Adam's moments and the timestep sampler's history are left bit for bit as they
+    were, on one replica or many, and the step is left out of the logged averages. It
+    still consumes its batch and advances ``optimizer.iterations``, the step counter that
+    positions the data stream and the learning-rate schedule, so a resumed run reads the
+    same batches (Adam's bias correction counts it too).
+    """
 
     def __init__(self, unet, objective: DiffusionObjective, cfg: TrainingConfig, seed: int,
                  global_batch: int, executor=None, **kwargs):
-        super().__init__(**kwargs)
+        # The trainer's own dtype stays float32 so that Keras does not wrap the optimizer
+        # in its LossScaleOptimizer under mixed_float16: that one unscales only inside
+        # apply_gradients, after the norm and the clip here (the U-Net keeps the policy).
+        super().__init__(dtype="float32", **kwargs)
         self.unet = unet
         self.objective = objective
         self.train_cfg = cfg
@@ -122,6 +172,7 @@ class DiffusionTrainer(keras.Model):
         self.ema = EMA(unet.trainable_variables, cfg.ema_decay)
         # Consecutive and total skipped (non-finite) steps; checkpointed with the EMA.
         self.guard = NonFiniteGuard()
+        self.loss_scale = DynamicLossScale() if cfg.precision == "mixed_float16" else None
         self.abort_reason = None  # set by callbacks.StopGuard
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.gnorm_tracker = keras.metrics.Mean(name="grad_norm")
@@ -164,85 +215,60 @@ class DiffusionTrainer(keras.Model):
         carry["out"] = self.unet.keras_model(inputs, training=training)
         return self.objective.terms(carry), carry
 
-    def _single_device_gradients(self, carry):
-        variables = self.unet.trainable_variables
-        with tf.GradientTape() as tape:
-            terms, full = self.per_example_losses(carry)
-            loss = tf.reduce_sum(terms["loss"]) / self.global_batch
-            scaled = self._scale_loss(loss)
-        grads = tape.gradient(scaled, variables)
-        self.objective.update_sampler(full["t"], terms["loss"])
-        return loss, self._unscale(grads)
-
-    def _scale_loss(self, loss):
-        opt = self.optimizer
-        if IS_KERAS3:
-            return opt.scale_loss(loss) if hasattr(opt, "scale_loss") else loss
-        return opt.get_scaled_loss(loss) if hasattr(opt, "get_scaled_loss") else loss
-
-    def _loss_scale(self):
-        """The dynamic loss scale for fp16 (the executor scales its own losses), or None."""
-        scale = getattr(self.optimizer, "dynamic_scale", None)  # Keras 3
-        if scale is None:
-            scale = getattr(self.optimizer, "loss_scale", None)  # Keras 2
-        return None if scale is None else tf.cast(tf.convert_to_tensor(scale), tf.float32)
-
-    def _unscale(self, grads):
-        if not IS_KERAS3 and hasattr(self.optimizer, "get_unscaled_gradients"):
-            return self.optimizer.get_unscaled_gradients(grads)
-        return grads  # Keras 3's LossScaleOptimizer unscales inside apply_gradients
-
-    def _apply_if_finite(self, grads, variables, finite, replicas: int) -> None:
-        """Apply the update only when ``finite``. One replica: the step is skipped (no
-        optimizer update; the step counter still advances so a resume reads the same
-        data). Several replicas: ``apply_gradients`` synchronises replicas and may not sit
-        inside a ``tf.cond``, so a zero gradient is applied instead (Adam's moments decay)."""
-        if replicas > 1:
-            zeros = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
-            self.optimizer.apply_gradients(zip(zeros, variables))
-            return
-
-        def update():
-            self.optimizer.apply_gradients(zip(grads, variables))
-            return tf.constant(True)
-
-        def skip():
-            self.optimizer.iterations.assign_add(1)
-            return tf.constant(False)
-
-        tf.cond(finite, update, skip)
+    def local_gradients(self, data: Dict[str, tf.Tensor]):
+        """This replica's part of a step: ``(loss, grads, stats)`` with the loss and
+        gradients of sum(per-example loss) / global_batch, unscaled (under mixed_float16
+        the backward pass ran on the loss times the loss scale), and ``stats`` the
+        per-example ``t`` and the objective's ``sampler_keys``."""
+        carry = self.carry_from_batch(data)
+        scale = None if self.loss_scale is None else self.loss_scale.scale.read_value()
+        if self.executor is not None:
+            loss, grads, stats = self.executor.gradients(carry, training=True, loss_scale=scale)
+        else:
+            variables = self.unet.trainable_variables
+            with tf.GradientTape() as tape:
+                terms, full = self.per_example_losses(carry)
+                loss = tf.reduce_sum(terms["loss"]) / self.global_batch
+                scaled = loss if scale is None else loss * scale
+            grads = tape.gradient(scaled, variables)
+            stats = {"t": full["t"]}
+            stats.update({k: tf.stop_gradient(terms["unweighted_loss"])
+                          for k in self.objective.sampler_keys})
+        if scale is not None:
+            grads = [tf.cast(g, tf.float32) / scale for g in grads]
+        return loss, list(grads), stats
 
     def train_step(self, data):
-        carry = self.carry_from_batch(data)
-        if self.executor is not None:
-            loss, grads, stats = self.executor.gradients(carry, training=True,
-                                                         loss_scale=self._loss_scale())
-            self.objective.update_sampler(stats["t"], stats["loss"])
-            grads = self._unscale(grads)
-        else:
-            loss, grads = self._single_device_gradients(carry)
+        loss, grads, stats = self.local_gradients(data)
+        ctx = tf.distribute.get_replica_context()
         replicas = self.distribute_strategy.num_replicas_in_sync
         if replicas > 1:
             # Clip by the norm of the *global* gradient: reduce first. The optimizer sums
             # over replicas once more, so hand it 1/R of the reduced gradient.
-            ctx = tf.distribute.get_replica_context()
-            loss, *grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss] + list(grads))
+            loss, *grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss] + grads)
         variables = self.unet.trainable_variables
         gnorm = tf.linalg.global_norm(grads)
-        if self.train_cfg.grad_clip > 0:
-            grads, _ = tf.clip_by_global_norm(grads, self.train_cfg.grad_clip, use_norm=gnorm)
+        loss_finite, grads_finite = tf.math.is_finite(loss), tf.math.is_finite(gnorm)
+        finite = tf.logical_and(loss_finite, grads_finite)
+        overflow = tf.constant(False)
+        if self.loss_scale is not None:
+            overflow = self.loss_scale.update(loss_finite, grads_finite)
+        grads = clip_gradients(grads, self.train_cfg.grad_clip, gnorm)
         if replicas > 1:
             grads = [g / replicas for g in grads]
-        step = self.optimizer.iterations
         lr = self.optimizer.learning_rate
-        lr = lr(step) if callable(lr) else lr
-        finite = tf.logical_and(tf.math.is_finite(loss), tf.math.is_finite(gnorm))
-        # a multi-worker strategy synchronises in apply_gradients even with one replica
-        self._apply_if_finite(grads, variables, finite, 2 if self._multi_worker else replicas)
-        self.ema.update(variables, step, active=finite)
-        self.guard.record(finite)
-        self.loss_tracker.update_state(tf.where(finite, loss, 0.0))
-        self.gnorm_tracker.update_state(tf.where(finite, gnorm, 0.0))
+        lr = lr(self.optimizer.iterations) if callable(lr) else lr
+        self._apply_if_finite(grads, variables, finite)
+        self.ema.update(variables, self.optimizer.iterations, active=finite)
+        self.guard.record(tf.logical_not(finite) & tf.logical_not(overflow))
+        if self.objective.sampler.learns:
+            t, losses = stats["t"], stats["sampler_loss"]
+            if replicas > 1:  # every replica records the global batch, in its order
+                t, losses = ctx.all_gather(t, axis=0), ctx.all_gather(losses, axis=0)
+            self.objective.sampler.update(t, losses, active=finite)
+        counted = tf.cast(finite, tf.float32)
+        self.loss_tracker.update_state(tf.where(finite, loss, 0.0), sample_weight=counted)
+        self.gnorm_tracker.update_state(tf.where(finite, gnorm, 0.0), sample_weight=counted)
         self.lr_tracker.update_state(lr)
         logs = {m.name: m.result() for m in self.metrics}
         if IS_KERAS3 and self._multi_worker and self._workers > 1:
@@ -250,6 +276,26 @@ class DiffusionTrainer(keras.Model):
             # which rejects scalars; shape [1] averages to the same scalar.
             logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
         return logs
+
+    def _apply_if_finite(self, grads, variables, finite) -> None:
+        """``apply_gradients`` when ``finite`` (the same on every replica: it comes from
+        reduced values); otherwise only the step counter advances. ``apply_gradients``
+        synchronises replicas, which a ``tf.cond`` in replica context may not contain, so
+        the condition is taken in cross-replica context, as Keras' LossScaleOptimizer does
+        (one path for the default strategy, mirrored and multi-worker)."""
+        opt = self.optimizer
+
+        def cross_replica(strategy, grads, finite):
+            def apply():
+                strategy.extended.call_for_each_replica(
+                    lambda g: opt.apply_gradients(zip(g, variables)), args=(grads,))
+
+            def skip():
+                opt.iterations.assign_add(1)
+
+            tf.cond(strategy.experimental_local_results(finite)[0], apply, skip)
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, finite))
 
     @property
     def _multi_worker(self) -> bool:
@@ -265,11 +311,11 @@ def build_optimizer_state(trainer: DiffusionTrainer) -> None:
     """Create the optimizer's slot variables now, so a checkpoint can restore them."""
     opt = trainer.optimizer
     variables = trainer.unet.trainable_variables
-    if IS_KERAS3:
-        opt.build(variables)
-    else:  # Keras 2: slots are created by _create_all_weights
-        inner = getattr(opt, "inner_optimizer", opt)
-        inner._create_all_weights(variables)  # noqa: SLF001 (no public equivalent in Keras 2)
+    inner = getattr(opt, "inner_optimizer", opt)
+    if hasattr(inner, "_create_all_weights"):  # Keras 2's OptimizerV2 (the IPU path)
+        inner._create_all_weights(variables)  # noqa: SLF001 (no public equivalent there)
+    else:  # Keras 3, and Keras 2's newer optimizer (tf_keras.optimizers.Adam)
+        inner.build(variables)
 
 
 def ema_weights_into(trainer: DiffusionTrainer, target_unet) -> None:

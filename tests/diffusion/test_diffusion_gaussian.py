@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ipu_diffusion.config import DiffusionConfig
+from ipu_diffusion.config import ConfigError, DiffusionConfig
 from ipu_diffusion.diffusion.gaussian import GaussianDiffusion, model_output_channels
 from ipu_diffusion.diffusion.schedules import make_betas
 
@@ -177,5 +177,9 @@ def test_validation_and_helpers():
     assert model_output_channels(3, "learned_range") == 6 and model_output_channels(3, "fixed_small") == 3
     d = GaussianDiffusion.from_config(DiffusionConfig(schedule="cosine", timesteps=100, mean_type="v"))
     assert d.num_timesteps == 100 and d.mean_type == "v" and d.var_type == "fixed_large"
+    # the linear schedule's 1000 / T scaling puts beta_T = 20 / T above 0.999 for T < 21
+    with pytest.raises(ConfigError, match=r"diffusion.timesteps: 20 .* 'linear'.*T >= 21"):
+        GaussianDiffusion.from_config(DiffusionConfig(timesteps=20))
+    assert GaussianDiffusion.from_config(DiffusionConfig(timesteps=21)).num_timesteps == 21
     single = GaussianDiffusion(betas[:1])  # one step: the clipped log-variance falls back to beta_1
     assert np.isfinite(single.posterior_log_variance_clipped).all()

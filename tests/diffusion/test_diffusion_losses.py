@@ -129,7 +129,7 @@ def test_simple_losses_use_the_right_target(mean_type):
     expected = np.mean((model_out - target).numpy() ** 2, axis=(1, 2, 3))
     np.testing.assert_allclose(terms["mse"].numpy(), expected, rtol=1e-5)
     np.testing.assert_allclose(terms["loss"].numpy(), expected, rtol=1e-5)
-    assert set(terms) == {"mse", "loss"} and terms["loss"].dtype == tf.float32
+    assert set(terms) == {"mse", "loss", "unweighted_loss"} and terms["loss"].dtype == tf.float32
     l1 = training_losses(GaussianDiffusion(d.betas, mean_type=mean_type, loss_type="l1"),
                          model_out, x0, x_t, t, noise)
     np.testing.assert_allclose(l1["l1"].numpy(), np.mean(np.abs((model_out - target).numpy()), axis=(1, 2, 3)),
@@ -142,6 +142,8 @@ def test_simple_losses_use_the_right_target(mean_type):
     np.testing.assert_allclose(min_snr_weight(d, t, gamma).numpy(), snr_w, rtol=1e-5)
     weighted = training_losses(d, model_out, x0, x_t, t, noise, weights=w, min_snr_gamma=gamma)
     np.testing.assert_allclose(weighted["loss"].numpy(), expected * snr_w * w.numpy(), rtol=1e-5)
+    # what a loss-aware sampler records: the loss without the importance weights
+    np.testing.assert_allclose(weighted["unweighted_loss"].numpy(), expected * snr_w, rtol=1e-5)
 
 
 def test_hybrid_vb_gradient_reaches_only_the_variance_channels():
