@@ -371,17 +371,10 @@ def broadcast_from_chief(strategy, variables: Sequence) -> None:
 
 
 def state_variables(run) -> List:
-    """Every variable a checkpoint of ``run`` holds (weights, optimizer, EMA, guard, and
-    the timestep sampler's state when it has one)."""
+    """Every variable a checkpoint of ``run`` holds (``DiffusionTrainer.checkpoint_objects``)."""
     seen: Dict[int, object] = {}
-    groups = [run.unet.keras_model.variables, run.trainer.optimizer.variables,
-              run.trainer.ema.shadow, run.trainer.guard.variables]
-    sampler = getattr(run.objective.sampler, "checkpoint_objects", None)  # as in build_run
-    if sampler is not None:  # a tf.Module or a mapping of them
-        groups += [m.variables for m in (sampler.values() if isinstance(sampler, Mapping)
-                                         else [sampler])]
-    for group in groups:
-        for v in group:
+    for obj in run.trainer.checkpoint_objects().values():
+        for v in obj.variables:
             seen.setdefault(id(v), v)
     return list(seen.values())
 

@@ -122,13 +122,7 @@ def build_run(cfg: RunConfig, workdir: str, join: bool = False) -> Run:
                         steps_per_execution=cfg.training.steps_per_execution,
                         jit_compile=cfg.training.jit_compile)
         build_optimizer_state(trainer)
-    objects = {"unet": unet.keras_model, "optimizer": trainer.optimizer, "ema": trainer.ema,
-               "guard": trainer.guard}
-    if objective.sampler.learns:  # its loss history decides the next steps' timesteps
-        objects["timestep_sampler"] = objective.sampler
-    if trainer.loss_scale is not None:
-        objects["loss_scale"] = trainer.loss_scale
-    checkpoint = tf.train.Checkpoint(**objects)
+    checkpoint = tf.train.Checkpoint(**trainer.checkpoint_objects())
     writer = not join or is_writer(cfg)
     if writer:
         manager = tf.train.CheckpointManager(checkpoint, os.path.join(workdir, CHECKPOINT_DIR),

@@ -182,6 +182,17 @@ class DiffusionTrainer(keras.Model):
     def metrics(self):
         return [self.loss_tracker, self.gnorm_tracker, self.lr_tracker]
 
+    def checkpoint_objects(self) -> Dict[str, Any]:
+        """What a checkpoint holds, by name: weights, optimizer, EMA, the skipped-step
+        counters, and the loss-aware sampler's history and the loss scale when in use."""
+        objects = {"unet": self.unet.keras_model, "optimizer": self.optimizer, "ema": self.ema,
+                   "guard": self.guard}
+        if self.objective.sampler.learns:  # its history decides the next steps' timesteps
+            objects["timestep_sampler"] = self.objective.sampler
+        if self.loss_scale is not None:
+            objects["loss_scale"] = self.loss_scale
+        return objects
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Keras 3 (TF backend) builds the model symbolically from a first batch before
         ``fit`` under ``tf.distribute``, averaging that batch over replicas with

@@ -64,10 +64,11 @@ def device_step(overrides, class_dropout: float):
             carry.update(objective.front(carry))
             carry["out"] = unet.keras_model({k: carry[k] for k in unet.input_keys},
                                             training=True)
-            per_example = objective.loss(carry)["loss"]
-            loss = tf.reduce_sum(per_example) / B
+            out = objective.loss(carry)
+            loss = tf.reduce_sum(out["loss"]) / B
         grads = tape.gradient(loss, variables)
-        objective.update_sampler(carry["t"], per_example)
+        if objective.sampler.learns:
+            objective.sampler.update(carry["t"], out["sampler_loss"])
         grads, _ = tf.clip_by_global_norm(grads, cfg.training.grad_clip)
         optimizer.apply_gradients(zip(grads, variables))
         return loss
