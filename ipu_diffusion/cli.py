@@ -10,9 +10,10 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import List, Optional, Sequence
 
-from ipu_diffusion.config import ConfigError, RunConfig, load_config
+from ipu_diffusion.config import SAMPLERS, ConfigError, ConfigWarning, RunConfig, load_config
 
 EXIT_USAGE = 2
 
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample images from a trained run (EMA weights)")
     s.add_argument("--workdir", required=True, help="run directory written by train")
     s.add_argument("--num", type=int, default=64, help="number of images")
-    s.add_argument("--sampler", choices=["ddpm", "ddim", "dpm_solver"], default="ddim",
+    s.add_argument("--sampler", choices=SAMPLERS, default="ddim",
                    help="ancestral DDPM, DDIM (Song et al. 2021) or DPM-Solver++(2M) "
                    "(Lu et al. 2022)")
     s.add_argument("--steps", type=int, default=50, help="sampling steps (respaced)")
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--workdir", required=True, help="run directory written by train")
     e.add_argument("--num-samples", type=int, default=None,
                    help="generated images to score (default: eval.num_samples)")
-    e.add_argument("--sampler", choices=["ddpm", "ddim", "dpm_solver"], default=None,
+    e.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="default: eval.sampler")
     e.add_argument("--steps", type=int, default=None, help="default: eval.steps")
     e.add_argument("--eta", type=float, default=None, help="DDIM eta (default: eval.eta)")
@@ -282,8 +283,19 @@ def cmd_bench(args) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A ConfigWarning as one ``warning: ...`` line (it names the key and file already)."""
+    if issubclass(category, ConfigWarning):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    warnings.formatwarning = _format_warning
     from ipu_diffusion.data import DataError
     from ipu_diffusion.diffusion.guidance import GuidanceError
     from ipu_diffusion.training.run import Interrupted, RunError

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -25,6 +26,23 @@ else:  # pragma: no cover
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key path."""
+
+
+class ConfigWarning(UserWarning):
+    """A key that is read but has no effect (removed, or unused in this combination)."""
+
+
+# --------------------------------------------------------------------------- choices
+# The one list of each choice: the Literal annotations below, the diffusion modules and
+# the command line all read these (``Literal[("a", "b")]`` is ``Literal["a", "b"]``).
+
+SCHEDULES: Tuple[str, ...] = ("linear", "cosine", "quadratic", "sigmoid")  # beta schedules
+MEAN_TYPES: Tuple[str, ...] = ("eps", "x0", "v")  # what the network predicts
+VAR_TYPES: Tuple[str, ...] = ("fixed_small", "fixed_large", "learned_range")
+LOSS_TYPES: Tuple[str, ...] = ("mse", "l1", "hybrid", "kl")
+TIMESTEP_SAMPLERS: Tuple[str, ...] = ("uniform", "loss_aware")
+SAMPLERS: Tuple[str, ...] = ("ddpm", "ddim", "dpm_solver")  # image samplers (eval, sample)
+PIPELINE_SCHEDULES: Tuple[str, ...] = ("grouped", "interleaved", "sequential")
 
 
 # --------------------------------------------------------------------------- sections
@@ -60,14 +78,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    schedule: Literal["linear", "cosine", "quadratic", "sigmoid"] = "linear"
+    schedule: Literal[SCHEDULES] = "linear"
     timesteps: int = 1000
-    mean_type: Literal["eps", "x0", "v"] = "eps"
-    var_type: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_large"
-    loss_type: Literal["mse", "l1", "hybrid", "kl"] = "mse"
+    mean_type: Literal[MEAN_TYPES] = "eps"
+    var_type: Literal[VAR_TYPES] = "fixed_large"
+    loss_type: Literal[LOSS_TYPES] = "mse"
     hybrid_lambda: float = 0.001
     min_snr_gamma: float = 0.0  # 0 = off; else min-SNR-gamma weighting (Hang et al. 2023)
-    timestep_sampler: Literal["uniform", "loss_aware"] = "uniform"
+    timestep_sampler: Literal[TIMESTEP_SAMPLERS] = "uniform"
 
 
 @dataclass(frozen=True)
@@ -83,7 +101,7 @@ class PipelineConfig:
     cuts: Tuple[str, ...] = ()
     blocks_per_stage: Tuple[int, ...] = ()
     microbatches: int = 1  # M: gradient accumulation steps per replica
-    schedule: Literal["grouped", "interleaved", "sequential"] = "grouped"
+    schedule: Literal[PIPELINE_SCHEDULES] = "grouped"
     recompute: bool = False
     device_mapping: Tuple[int, ...] = ()  # stage s -> device; empty = 0..S-1
     device_type: Literal["auto", "cpu", "gpu"] = "auto"
@@ -143,14 +161,13 @@ class DataConfig:
     path: str = ""  # folder or .npz file, or the TFDS data_dir
     tfds_name: str = ""
     random_flip: bool = False
-    shuffle_buffer: int = 10_000
     test_fraction: float = 0.2  # digits: held-out split kept for evaluation
     use_labels: bool = False
 
 
 @dataclass(frozen=True)
 class EvalSection:
-    sampler: Literal["ddpm", "ddim", "dpm_solver"] = "ddim"
+    sampler: Literal[SAMPLERS] = "ddim"
     steps: int = 50
     eta: float = 0.0
     num_samples: int = 1000
@@ -277,30 +294,55 @@ def parse_override(text: str) -> Tuple[str, Any]:
     return key.strip(), value
 
 
-def config_from_dict(data: Dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
-    """Build a validated :class:`RunConfig` from a plain dict and ``a.b=c`` overrides."""
+def config_from_dict(data: Dict[str, Any], overrides: Sequence[str] = (),
+                     source: str = "") -> RunConfig:
+    """Build a validated :class:`RunConfig` from a plain dict and ``a.b=c`` overrides.
+
+    A removed key (:data:`REMOVED_KEYS`) is dropped; it and each key that has no effect
+    in this combination (:func:`ineffective_keys`) give a :class:`ConfigWarning` naming
+    the key (and ``source``, the file, when given)."""
     tree = _deep_copy(data or {})
     for text in overrides:
         key, value = parse_override(text)
         _set_path(tree, key, value)
+    notes = _drop_removed(tree)
     cfg = _build(RunConfig, tree, "")
     validate(cfg)
+    for message in notes + ineffective_keys(cfg):
+        warnings.warn(f"{source}: {message}" if source else message, ConfigWarning, stacklevel=2)
     return cfg
+
+
+def _read_yaml(path: str) -> Any:
+    """The YAML document in ``path``; ConfigError for a file that cannot be read, is not
+    UTF-8 text, is not YAML or holds nothing (empty or only comments)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start} is 0x{e.object[e.start]:02x}); "
+                          "a run config is a YAML text file, see pipeline_configs/") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None or data == {}:
+        raise ConfigError(f"{path}: the file holds no settings (it is empty or only comments); "
+                          "every default would apply (the 35.7M-parameter CIFAR-10 U-Net for "
+                          "800,000 steps). Start from a file in pipeline_configs/")
+    return data
 
 
 def _read_tree(path: str, seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
     """The YAML mapping in ``path``, with ``base: other.yaml`` (relative to the file)
     merged underneath: keys in this file override the base's, section by section."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    real = os.path.realpath(path)
-    if real in seen:
+    if os.path.isfile(path) and os.path.realpath(path) in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = _read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -308,7 +350,7 @@ def _read_tree(path: str, seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
-    merged = _read_tree(os.path.join(os.path.dirname(path), base), seen + (real,))
+    merged = _read_tree(os.path.join(os.path.dirname(path), base), seen + (os.path.realpath(path),))
     for section, values in data.items():
         if isinstance(values, dict) and isinstance(merged.get(section), dict):
             merged[section] = {**merged[section], **values}
@@ -318,10 +360,11 @@ def _read_tree(path: str, seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
-    """Load a YAML run config strictly (``yaml.safe_load`` only; ``base:`` inherits)."""
+    """Load a YAML run config strictly (``yaml.safe_load`` only; ``base:`` inherits).
+    Errors and warnings name the file."""
     data = _read_tree(path)
     try:
-        return config_from_dict(data, overrides)
+        return config_from_dict(data, overrides, source=path)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
@@ -342,7 +385,7 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
 def save_config(cfg: RunConfig, path: str) -> None:
     """Write the resolved config; ``load_config`` reads it back to an equal config."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     os.replace(tmp, path)
 
@@ -370,8 +413,7 @@ def validate(cfg: RunConfig) -> None:
     for path, value in [
         ("model.image_size", m.image_size), ("model.in_channels", m.in_channels),
         ("model.ch", m.ch), ("model.num_groups", m.num_groups),
-        ("diffusion.timesteps", d.timesteps), ("pipeline.stages", p.stages),
-        ("pipeline.microbatches", p.microbatches), ("training.steps", t.steps),
+        ("diffusion.timesteps", d.timesteps), ("training.steps", t.steps),
         ("training.batch_size", t.batch_size), ("training.lr", t.lr),
         ("training.log_every", t.log_every), ("training.checkpoint_every", t.checkpoint_every),
         ("training.keep_checkpoints", t.keep_checkpoints),
@@ -425,6 +467,20 @@ def _validate_run_name(name: str) -> None:
 
 def _validate_pipeline(cfg: RunConfig) -> None:
     p, t = cfg.pipeline, cfg.training
+    validate_pipeline(p)
+    if t.batch_size % p.microbatches:
+        raise ConfigError(f"training.batch_size: {t.batch_size} is not divisible by "
+                          f"pipeline.microbatches {p.microbatches}")
+    if cfg.ipu.available_memory_proportion and len(cfg.ipu.available_memory_proportion) != p.stages:
+        raise ConfigError(f"ipu.available_memory_proportion: needs one value per stage "
+                          f"({p.stages}), got {list(cfg.ipu.available_memory_proportion)}")
+
+
+def validate_pipeline(p: PipelineConfig) -> None:
+    """The checks of a pipeline section that need no model (the one place they are
+    written; ``pipeline/partition.py`` adds those that need the block list)."""
+    _positive(p.stages, "pipeline.stages")
+    _positive(p.microbatches, "pipeline.microbatches")
     if p.cuts and p.blocks_per_stage:
         raise ConfigError("pipeline: give either cuts or blocks_per_stage, not both")
     if p.cuts and len(p.cuts) != p.stages - 1:
@@ -443,9 +499,94 @@ def _validate_pipeline(cfg: RunConfig) -> None:
                               f"{len(p.device_mapping)} entries but pipeline.stages is {p.stages}")
         if any(d < 0 for d in p.device_mapping):
             raise ConfigError(f"pipeline.device_mapping: {list(p.device_mapping)} has a negative device")
-    if t.batch_size % p.microbatches:
-        raise ConfigError(f"training.batch_size: {t.batch_size} is not divisible by "
-                          f"pipeline.microbatches {p.microbatches}")
-    if cfg.ipu.available_memory_proportion and len(cfg.ipu.available_memory_proportion) != p.stages:
-        raise ConfigError(f"ipu.available_memory_proportion: needs one value per stage "
-                          f"({p.stages}), got {list(cfg.ipu.available_memory_proportion)}")
+
+
+# --------------------------------------------------------------------------- keys without effect
+
+#: Keys that were removed: a config (an old run's config.yaml) that still holds one loads,
+#: with a ConfigWarning, and the key is dropped. Key path -> why it has no effect.
+REMOVED_KEYS: Dict[str, str] = {
+    "data.shuffle_buffer": "the data order is a pure function of run.seed and the step",
+}
+
+#: Keys read only in some combinations: (key path, whether this config reads it, when it
+#: is read). A key set away from its default where it is not read gives a ConfigWarning.
+_READ_ONLY_WITH = (
+    ("diffusion.min_snr_gamma", lambda c: c.diffusion.loss_type != "kl",
+     "diffusion.loss_type 'mse', 'l1' or 'hybrid' (it weights their mean-error term)"),
+    ("diffusion.hybrid_lambda", lambda c: c.diffusion.loss_type == "hybrid",
+     "diffusion.loss_type 'hybrid'"),
+    ("training.class_dropout", lambda c: c.data.use_labels, "data.use_labels: true"),
+    ("training.num_replicas", lambda c: c.training.strategy == "mirrored",
+     "training.strategy 'mirrored'"),
+    ("training.worker_timeout_s", lambda c: c.training.strategy == "multi_worker",
+     "training.strategy 'multi_worker'"),
+    ("training.sample_every", lambda c: c.training.num_sample_images > 0,
+     "training.num_sample_images > 0"),
+    ("eval.eta", lambda c: c.eval.sampler == "ddim", "eval.sampler 'ddim'"),
+    ("data.path", lambda c: c.data.source != "digits", "data.source 'folder', 'npz' or 'tfds'"),
+    ("data.tfds_name", lambda c: c.data.source == "tfds", "data.source 'tfds'"),
+    ("data.test_fraction", lambda c: c.data.source == "digits", "data.source 'digits'"),
+)
+
+
+def _drop_removed(tree: Dict[str, Any]) -> List[str]:
+    """Delete the :data:`REMOVED_KEYS` from a raw config tree; one message for each."""
+    notes = []
+    for dotted, why in REMOVED_KEYS.items():
+        section, key = dotted.split(".")
+        values = tree.get(section)
+        if isinstance(values, dict) and key in values:
+            del values[key]
+            notes.append(f"{dotted}: removed and ignored, it has no effect ({why}); "
+                         "delete it from the config")
+    return notes
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        cfg = getattr(cfg, key)
+    return cfg
+
+
+def ineffective_keys(cfg: RunConfig) -> List[str]:
+    """One message for each key set away from its default where ``cfg`` never reads it."""
+    defaults = RunConfig()
+    return [f"{key}: {_get(cfg, key)!r} has no effect here; it is read only with {when}"
+            for key, read, when in _READ_ONLY_WITH
+            if not read(cfg) and _get(cfg, key) != _get(defaults, key)]
+
+
+# --------------------------------------------------------------------------- resume
+
+#: The keys a resumed run may change (``train --resume`` with a new --config or --set):
+#: how long training runs and its learning-rate schedule (a function of the step only,
+#: no checkpointed state; lr_decay cosine ends at training.steps, and lowering
+#: training.lr is the advice after a non-finite stop), what it logs, checkpoints, samples
+#: and evaluates, and how the same update is executed (``pipeline.*``: the pipelined
+#: update equals the unsplit one, and the checkpoint holds the same variables). Every
+#: other key defines what is trained or the data and is refused. ``section.*`` = a
+#: whole section.
+RESUME_SAFE: Tuple[str, ...] = (
+    "run.name", "run.workdir",
+    "training.steps", "training.lr", "training.warmup_steps", "training.lr_decay",
+    "training.log_every", "training.checkpoint_every", "training.keep_checkpoints",
+    "training.sample_every", "training.num_sample_images", "training.max_nonfinite_steps",
+    "training.worker_timeout_s", "training.steps_per_execution", "training.jit_compile",
+    "training.deterministic",
+    "eval.*", "pipeline.*",
+)
+
+
+def _flat(cfg: RunConfig) -> Dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in to_dict(cfg).items()
+            for key, value in values.items()}
+
+
+def resume_conflicts(saved: RunConfig, new: RunConfig) -> List[Tuple[str, Any, Any]]:
+    """``(key path, saved value, new value)`` for each key outside :data:`RESUME_SAFE`
+    that differs between a run's saved config and the one it is resumed with."""
+    old, now = _flat(saved), _flat(new)
+    return [(key, old[key], now[key]) for key in old
+            if old[key] != now[key] and key not in RESUME_SAFE
+            and key.split(".")[0] + ".*" not in RESUME_SAFE]

@@ -127,3 +127,47 @@ def test_package_source_has_no_unsafe_loading():
                 found.append(f"{rel}: np.load without allow_pickle=False: {m.group(0)}")
     assert not found, "\n".join(found)
     assert np_loads >= 4  # the check sees the real calls (data, caches, classifier)
+
+
+# ----------------------------------------------------------------- files that hold no config
+
+
+def _one_line_cli_error(argv, capsys):
+    from ipu_diffusion import cli
+
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: ")
+    return err
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (bytes(range(256)) * 4, "not a UTF-8 text file"),           # binary
+    ("run: {name: caf\u00e9}\n".encode("latin-1"), "not a UTF-8 text file"),
+    (b"", "holds no settings"),                                  # empty
+    (b"# only a comment\n\n   # and another\n", "holds no settings"),
+    (b"{}\n", "holds no settings"),
+])
+def test_unreadable_or_empty_config_file_is_one_error_naming_it(tmp_path, capsys, content, fragment):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(err.value).startswith(f"{path}: ") and fragment in str(err.value)
+    err = _one_line_cli_error(["train", "--config", str(path), "--workdir", str(tmp_path / "w")],
+                              capsys)
+    assert str(path) in err and fragment in err
+    assert not (tmp_path / "w").exists()  # refused before anything is written
+
+
+def test_empty_base_file_is_the_same_error(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n", encoding="utf-8")
+    (tmp_path / "child.yaml").write_text("base: empty.yaml\ntraining: {steps: 5}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"empty\.yaml: the file holds no settings"):
+        load_config(str(tmp_path / "child.yaml"))
+
+
+def test_utf8_config_with_non_ascii_text_loads(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("run: {name: caf\u00e9}  # \u00e9t\u00e9\n".encode("utf-8"))
+    assert load_config(str(path)).run.name == "caf\u00e9"

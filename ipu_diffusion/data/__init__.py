@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from ipu_diffusion.data.common import DataError, dataset_identity
-from ipu_diffusion.data.dataset import load_arrays, load_raw, make_dataset
+from ipu_diffusion.data.dataset import held_out_split, load_arrays, load_raw, make_dataset
 
-__all__ = ["DataError", "dataset_identity", "load_arrays", "load_raw", "make_dataset"]
+__all__ = ["DataError", "dataset_identity", "held_out_split", "load_arrays", "load_raw",
+           "make_dataset"]

@@ -25,6 +25,9 @@ from ipu_diffusion.data.digits import load_digits_split
 from ipu_diffusion.data.folder import load_folder
 
 SPLITS = ("train", "test")
+#: Sources with a held-out test split: the digits (data.test_fraction of them, stratified)
+#: and TFDS sets (their "test" split).
+TEST_SPLIT_SOURCES = ("digits", "tfds")
 SALT_FLIP = rng.salt_of("random_flip")
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -45,8 +48,9 @@ def load_raw(run_config, split: str = "train") -> Tuple[np.ndarray, Optional[np.
     elif data.source == "tfds":
         images, labels = load_tfds(data.tfds_name, data.path, split, size, channels)
     elif split == "test":
-        raise DataError(f"data.source {data.source!r} has no held-out test split (only 'digits' "
-                        "and 'tfds' have one); evaluate against split 'train'")
+        raise DataError(f"data.source {data.source!r} has no held-out test split (only "
+                        f"{' and '.join(repr(s) for s in TEST_SPLIT_SOURCES)} have one); "
+                        "evaluate against split 'train'")
     elif data.source == "folder":
         images, labels = load_folder(data.path, size, channels)
     elif data.source == "npz":
@@ -68,6 +72,12 @@ def _check_label_config(run_config, labels: Optional[np.ndarray]) -> None:
     if len(labels) and int(labels.max()) >= num_classes:
         raise DataError(f"model.num_classes {num_classes} is too small: the labels go up to "
                         f"{int(labels.max())}; set model.num_classes >= {int(labels.max()) + 1}")
+
+
+def held_out_split(run_config) -> str:
+    """The split a trained run is checked against (evaluation, reconstruction, the
+    classifier's accuracy): "test" where ``data.source`` has one, else "train"."""
+    return "test" if run_config.data.source in TEST_SPLIT_SOURCES else "train"
 
 
 def load_arrays(run_config, split: str = "train") -> Tuple[np.ndarray, Optional[np.ndarray]]:

@@ -32,9 +32,8 @@ import tensorflow as tf
 from ipu_diffusion.diffusion.compiled import compiled
 from ipu_diffusion.diffusion.gaussian import GaussianDiffusion, gather_coef
 from ipu_diffusion.diffusion.guidance import cfg_denoise_fn  # noqa: F401 (moved to guidance.py)
+from ipu_diffusion.config import SAMPLERS
 from ipu_diffusion.diffusion.respace import SPACINGS, respace, space_timesteps
-
-SAMPLERS: Tuple[str, ...] = ("ddpm", "ddim", "dpm_solver")
 Output = Union[tf.Tensor, Dict[str, tf.Tensor]]
 
 

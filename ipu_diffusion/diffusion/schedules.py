@@ -17,7 +17,7 @@ from typing import Callable, Tuple
 
 import numpy as np
 
-SCHEDULES: Tuple[str, ...] = ("linear", "cosine", "quadratic", "sigmoid")
+from ipu_diffusion.config import SCHEDULES
 
 # Ho et al. 2020, section 4: beta_1 = 1e-4 .. beta_T = 0.02 at T = 1000.
 _BETA_START = 1e-4

@@ -96,7 +96,7 @@ def evaluate_run(run, num_samples: int, sampler: str, steps: int, eta: float, se
                  bpd_images: int = 0, verbose: bool = True) -> Dict[str, Any]:
     """Sample ``num_samples`` images, score them, and record everything in
     ``<workdir>/metrics.json`` under ``"eval"``; also writes ``eval_samples.png``."""
-    from ipu_diffusion.data import load_arrays
+    from ipu_diffusion.data import held_out_split, load_arrays
     from ipu_diffusion.training.generate import sample_images
 
     began = time.time()
@@ -109,7 +109,7 @@ def evaluate_run(run, num_samples: int, sampler: str, steps: int, eta: float, se
                               "sampling_img_per_s": round(num_samples / sample_time, 2)}
     result.update(_quality(run, images, verbose))
     if bpd_images:
-        split = "test" if run.cfg.data.source in ("digits", "tfds") else "train"
+        split = held_out_split(run.cfg)
         held_out, _ = load_arrays(run.cfg, split)
         result.update(bits_per_dim(run, held_out[:bpd_images], run.cfg.eval.batch_size, seed))
         result["bpd_split"] = split

@@ -47,7 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
-SCHEDULES = ("grouped", "interleaved", "sequential")
+from ipu_diffusion.config import PIPELINE_SCHEDULES as SCHEDULES
 BACKENDS = ("fallback", "ipu")
 _IPU_FIFO_MULTIPLIER = {"grouped": 2, "interleaved": 1, "sequential": 0}
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ipu_diffusion.config import ConfigError, PipelineConfig
+from ipu_diffusion.config import ConfigError, PipelineConfig, validate_pipeline
 from ipu_diffusion.models.carry import BlockSpec, live_before, stage_ranges
 
 LOSS_KEY = "loss"
@@ -118,10 +118,8 @@ def _check_chain(chain: Sequence[BlockSpec], final_outputs: Sequence[str]) -> No
 
 
 def ranges_from_sizes(sizes: Sequence[int], num_blocks: int, names: Sequence[str]) -> List[Range]:
-    """``blocks_per_stage`` -> ranges; ConfigError unless every size > 0 and they sum up."""
-    if any(n <= 0 for n in sizes):
-        raise ConfigError(f"pipeline.blocks_per_stage: {list(sizes)} has an empty stage; every "
-                          "stage needs at least one block")
+    """``blocks_per_stage`` (checked by :func:`validate_pipeline`) -> ranges; ConfigError
+    unless they sum to ``num_blocks``."""
     if sum(sizes) != num_blocks:
         raise ConfigError(f"pipeline.blocks_per_stage: {list(sizes)} sums to {sum(sizes)} but the "
                           f"U-Net has {num_blocks} blocks: {', '.join(names)}")
@@ -169,27 +167,18 @@ def balance(costs: Sequence[float], num_stages: int,
 def _ranges(blocks: Sequence[BlockSpec], pipeline: PipelineConfig,
             costs: Optional[Sequence[float]],
             fits: Optional[Callable[[int, int, int], bool]]) -> List[Range]:
+    validate_pipeline(pipeline)
     names = [b.name for b in blocks]
     s = pipeline.stages
-    if s < 1:
-        raise ConfigError(f"pipeline.stages: {s} must be >= 1")
     if s > len(blocks):
         raise ConfigError(f"pipeline.stages: {s} stages but the U-Net has only {len(blocks)} "
                           f"blocks ({', '.join(names)}); every stage needs at least one block")
-    if pipeline.cuts and pipeline.blocks_per_stage:
-        raise ConfigError("pipeline: give either cuts or blocks_per_stage, not both")
     if pipeline.cuts:
-        if len(pipeline.cuts) != s - 1:
-            raise ConfigError(f"pipeline.cuts: {len(pipeline.cuts)} cut(s) make "
-                              f"{len(pipeline.cuts) + 1} stages but pipeline.stages is {s}")
         try:
             return stage_ranges(blocks, pipeline.cuts)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if pipeline.blocks_per_stage:
-        if len(pipeline.blocks_per_stage) != s:
-            raise ConfigError(f"pipeline.blocks_per_stage: {list(pipeline.blocks_per_stage)} has "
-                              f"{len(pipeline.blocks_per_stage)} entries but pipeline.stages is {s}")
         return ranges_from_sizes(pipeline.blocks_per_stage, len(blocks), names)
     if s == 1:
         return [(0, len(blocks))]
@@ -200,14 +189,10 @@ def _ranges(blocks: Sequence[BlockSpec], pipeline: PipelineConfig,
 
 
 def device_mapping(pipeline: PipelineConfig) -> Tuple[int, ...]:
-    """``pipeline.device_mapping`` or ``0..S-1``; ConfigError on a length mismatch."""
-    mapping = tuple(pipeline.device_mapping) or tuple(range(pipeline.stages))
-    if len(mapping) != pipeline.stages:
-        raise ConfigError(f"pipeline.device_mapping: {list(mapping)} has {len(mapping)} entries "
-                          f"but pipeline.stages is {pipeline.stages}")
-    if any(d < 0 for d in mapping):
-        raise ConfigError(f"pipeline.device_mapping: {list(mapping)} has a negative device")
-    return mapping
+    """``pipeline.device_mapping`` or ``0..S-1``; ConfigError (:func:`validate_pipeline`)
+    on a length mismatch or a negative device."""
+    validate_pipeline(pipeline)
+    return tuple(pipeline.device_mapping) or tuple(range(pipeline.stages))
 
 
 # --------------------------------------------------------------------------- partition

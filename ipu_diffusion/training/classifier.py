@@ -187,13 +187,13 @@ def train_classifier(cfg: RunConfig, workdir: str, steps: int = 500,
                      verbose: bool = True) -> Dict[str, Any]:
     """Train the noise-aware classifier of ``cfg`` (its model, diffusion and data
     sections) for ``steps`` Adam steps; write weights and record into ``workdir``."""
-    from ipu_diffusion.data.dataset import batches_from_arrays
+    from ipu_diffusion.data.dataset import batches_from_arrays, held_out_split
 
     if steps < 1:
         raise GuidanceError(f"--steps: {steps} must be >= 1")
     batch_size, lr = batch_size or cfg.training.batch_size, lr or cfg.training.lr
     images, labels = _labelled(cfg, "train")
-    split = "test" if cfg.data.source in ("digits", "tfds") else "train"
+    split = held_out_split(cfg)
     held_images, held_labels = _labelled(cfg, split)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     keras.utils.set_random_seed(cfg.run.seed)

@@ -97,9 +97,9 @@ def interpolate(diffusion: GaussianDiffusion, denoise_fn: Callable, x_a, x_b, fr
 
 def held_out(run) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
     """The run's held-out images and labels (test split where the source has one)."""
-    from ipu_diffusion.data import load_arrays
+    from ipu_diffusion.data import held_out_split, load_arrays
 
-    split = "test" if run.cfg.data.source in ("digits", "tfds") else "train"
+    split = held_out_split(run.cfg)
     images, labels = load_arrays(run.cfg, split)
     return images, labels, split
 

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 import tensorflow as tf
 
 from ipu_diffusion._keras import keras
-from ipu_diffusion.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from ipu_diffusion.config import ConfigError, RunConfig, load_config, resume_conflicts, save_config
 from ipu_diffusion.training import callbacks as cb
 from ipu_diffusion.training import multi_worker as mw
 from ipu_diffusion.training.objective import DiffusionObjective
@@ -266,10 +266,13 @@ def prepare_workdir(cfg: RunConfig, workdir: str, resume: bool) -> None:
         raise RunError(f"workdir {workdir} already holds a run; pass --resume to continue it "
                        "or choose another --workdir")
     if resume and os.path.exists(saved):
-        old = load_config(saved)
-        if to_dict(old)["model"] != to_dict(cfg)["model"]:
-            raise RunError(f"workdir {workdir} holds a run with a different model config; "
-                           "resume it with its own config (omit --config) or use a new --workdir")
+        conflicts = resume_conflicts(load_config(saved), cfg)
+        if conflicts:
+            changes = "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in conflicts)
+            raise RunError(f"workdir {workdir} holds a run trained with other settings that "
+                           f"cannot change on resume: {changes}. Resume it with its saved "
+                           "config (omit --config and those --set) or start a new run in "
+                           "another --workdir")
     save_config(cfg, saved)
     remove_interrupted_saves(workdir)
 

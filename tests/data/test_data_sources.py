@@ -198,3 +198,13 @@ def test_tfds_missing_gives_offline_instructions(monkeypatch, tmp_path):
     with pytest.raises(DataError, match="tfds_name is empty"):
         load_arrays(cfg(source="tfds"))
     assert os.listdir(tmp_path) == []  # nothing fetched or written
+
+
+@pytest.mark.parametrize("source, split", [("digits", "test"), ("tfds", "test"),
+                                           ("folder", "train"), ("npz", "train")])
+def test_held_out_split_is_the_test_split_where_the_source_has_one(source, split):
+    """The digits hold out data.test_fraction, TFDS sets ship a "test" split; folders and
+    .npz arrays have none, so evaluation compares against their training images."""
+    from ipu_diffusion.data import held_out_split
+
+    assert held_out_split(config_from_dict({"data": {"source": source}})) == split

@@ -161,3 +161,30 @@ def test_summary_table_lists_every_stage():
     sent = 4 * 4 * (3 * 3072 + 2 + 512 + 3 * 32 * 32 * 128 + 16 * 16 * 128)
     assert f"{sent:,}" in lines[2]
     assert lines[5].rstrip().endswith("loss")
+
+
+# A section that is wrong whatever the model: the same error from loading a config and
+# from partitioning (the check is written once, in config.py).
+BAD_SECTIONS = [
+    ({"stages": 0}, "pipeline.stages: 0 must be > 0"),
+    ({"stages": 2, "microbatches": 0}, "pipeline.microbatches: 0 must be > 0"),
+    ({"stages": 2, "cuts": ["a"], "blocks_per_stage": [1, 1]},
+     "pipeline: give either cuts or blocks_per_stage, not both"),
+    ({"stages": 3, "cuts": ["a"]}, "pipeline.cuts: 1 cut(s) make 2 stages but pipeline.stages is 3"),
+    ({"stages": 2, "blocks_per_stage": [3, 0]}, "pipeline.blocks_per_stage: [3, 0] has an empty stage"),
+    ({"stages": 2, "blocks_per_stage": [3]}, "pipeline.blocks_per_stage: [3] has 1 entries"),
+    ({"stages": 2, "device_mapping": [0]}, "pipeline.device_mapping: [0] has 1 entries"),
+    ({"stages": 2, "device_mapping": [0, -1]}, "pipeline.device_mapping: [0, -1] has a negative device"),
+]
+
+
+@pytest.mark.parametrize("section, message", BAD_SECTIONS)
+def test_partition_and_config_give_the_same_pipeline_error(section, message):
+    with pytest.raises(ConfigError) as from_config:
+        config_from_dict({"pipeline": section, "training": {"batch_size": 8}})
+    pipeline = PipelineConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in section.items()})
+    with pytest.raises(ConfigError) as from_partition:
+        make_partition(fake_blocks(), pipeline, FRONT, LOSS)
+    assert str(from_config.value).startswith(message)
+    assert str(from_partition.value) == str(from_config.value)
