@@ -135,10 +135,9 @@ def test_modules_and_cli_use_the_config_lists():
     assert schedules.SCHEDULES is config_module.SCHEDULES
     assert sampling.SAMPLERS is config_module.SAMPLERS
     assert memory.SCHEDULES is schedule.SCHEDULES is config_module.PIPELINE_SCHEDULES
-    # gaussian.py and timestep_sampler.py import them at the next merge; until then equal
     for module, name in [(gaussian, "MEAN_TYPES"), (gaussian, "VAR_TYPES"),
                          (gaussian, "LOSS_TYPES"), (timestep_sampler, "TIMESTEP_SAMPLERS")]:
-        assert getattr(module, name) == getattr(config_module, name), name
+        assert getattr(module, name) is getattr(config_module, name), name
     for command in ["sample", "eval"]:
         sub = cli._parser()._subparsers._group_actions[0].choices[command]
         sampler = next(a for a in sub._actions if a.dest == "sampler")

@@ -23,12 +23,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from ipu_diffusion.config import ConfigError, DiffusionConfig
+from ipu_diffusion.config import (LOSS_TYPES, MEAN_TYPES, VAR_TYPES, ConfigError,
+                                  DiffusionConfig)
 from ipu_diffusion.diffusion.schedules import make_betas
-
-MEAN_TYPES: Tuple[str, ...] = ("eps", "x0", "v")
-VAR_TYPES: Tuple[str, ...] = ("fixed_small", "fixed_large", "learned_range")
-LOSS_TYPES: Tuple[str, ...] = ("mse", "l1", "hybrid", "kl")
 
 
 def _check_choice(arg: str, value: str, allowed: Sequence[str]) -> None:

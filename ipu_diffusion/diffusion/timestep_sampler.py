@@ -17,7 +17,7 @@ from typing import Tuple
 
 import tensorflow as tf
 
-TIMESTEP_SAMPLERS: Tuple[str, ...] = ("uniform", "loss_aware")
+from ipu_diffusion.config import TIMESTEP_SAMPLERS
 
 
 def _inverse_cdf(probs: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
