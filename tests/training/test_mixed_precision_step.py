@@ -16,12 +16,6 @@ pytestmark = pytest.mark.slow
 SETTINGS = ("model.dropout=0.0", "training.num_sample_images=0", "training.steps=2")
 
 
-def _run(tmp_path, precision, *extra):
-    cfg = _cfg(*SETTINGS, f"training.precision={precision}", *extra)
-    run = build_run(cfg, str(tmp_path / precision))
-    return run, next(iter(make_dataset(cfg, cfg.training.batch_size, cfg.run.seed)))
-
-
 def _flat(grads):
     return np.concatenate([np.ravel(g) for g in grads]).astype(np.float64)
 
@@ -32,32 +26,47 @@ def float32_policy():
     keras.mixed_precision.set_global_policy("float32")
 
 
-def test_mixed_float16_step_gradient_is_the_float32_gradient(tmp_path, float32_policy):
-    """The float32 reference is a plain GradientTape over the float32 network; the
-    mixed_float16 trainer's gradient (backward pass on loss x 2^15) must equal it within
-    fp16 precision, not be 2^15 times it."""
-    run32, batch = _run(tmp_path, "float32")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A float32 and a mixed_float16 run of the same seed (clipping on, at 0.1), and the
+    gradients of their first batch: the float32 one from a plain GradientTape, the
+    mixed one from the trainer (backward pass on loss x 2^15, then unscaled)."""
+    out = {}
+    for precision in ("float32", "mixed_float16"):
+        cfg = _cfg(*SETTINGS, f"training.precision={precision}", "training.grad_clip=0.1")
+        out[precision] = build_run(cfg, str(tmp_path_factory.mktemp(precision)))
+    keras.mixed_precision.set_global_policy("float32")
+    run32, run16 = out["float32"], out["mixed_float16"]
+    cfg = run32.cfg
+    batch = next(iter(make_dataset(cfg, cfg.training.batch_size, cfg.run.seed)))
     with tf.GradientTape() as tape:
         terms, _ = run32.trainer.per_example_losses(run32.trainer.carry_from_batch(batch))
-        loss = tf.reduce_sum(terms["loss"]) / run32.cfg.training.batch_size
-    ref = _flat(tape.gradient(loss, run32.unet.trainable_variables))
-    run16, _ = _run(tmp_path, "mixed_float16")
-    for a, b in zip(run32.unet.trainable_variables, run16.unet.trainable_variables):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())  # same initial weights
+        loss = tf.reduce_sum(terms["loss"]) / cfg.training.batch_size
+    out["ref"] = (float(loss), _flat(tape.gradient(loss, run32.unet.trainable_variables)))
+    out["same_init"] = all(np.array_equal(a.numpy(), b.numpy()) for a, b in
+                           zip(run32.unet.trainable_variables, run16.unet.trainable_variables))
     loss16, grads16, _ = run16.trainer.local_gradients(batch)
-    assert float(run16.trainer.loss_scale.scale.numpy()) == 2.0 ** 15
-    got = _flat(grads16)
-    np.testing.assert_allclose(float(loss16), float(loss), rtol=1e-2)
+    out["mixed"] = (float(loss16), _flat(grads16))
+    out["scale"] = float(run16.trainer.loss_scale.scale.numpy())
+    return out
+
+
+def test_mixed_float16_step_gradient_is_the_float32_gradient(runs):
+    """Equal within fp16 precision, not 2^15 times it."""
+    (loss, ref), (loss16, got) = runs["ref"], runs["mixed"]
+    assert runs["same_init"] and runs["scale"] == 2.0 ** 15
+    np.testing.assert_allclose(loss16, loss, rtol=1e-2)
     np.testing.assert_allclose(np.linalg.norm(got), np.linalg.norm(ref), rtol=2e-2)
     assert got @ ref / (np.linalg.norm(got) * np.linalg.norm(ref)) > 0.999
 
 
-def test_mixed_float16_logs_and_clips_the_unscaled_norm(tmp_path, float32_policy):
-    """Two steps with clipping on: the logged gradient norm (taken before the clip) is
-    the float32 run's within fp16 precision."""
+def test_mixed_float16_logs_and_clips_the_unscaled_norm(runs, float32_policy):
+    """Two steps with the clip active: the logged gradient norm (taken before the clip)
+    and loss are the float32 run's within fp16 precision."""
     logged = {}
     for precision in ("float32", "mixed_float16"):
-        run, _ = _run(tmp_path, precision, "training.grad_clip=0.1")
+        run = runs[precision]
+        keras.mixed_precision.set_global_policy(precision)
         cfg = run.cfg
         stream = lambda step: make_dataset(cfg, cfg.training.batch_size, cfg.run.seed,  # noqa: E731
                                            start_step=step)
