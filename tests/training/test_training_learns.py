@@ -71,7 +71,7 @@ OBJECTIVES = {
     "mse-v": (["diffusion.mean_type=v", "training.steps=60"], 0.9),  # 0.815, 0.778
     "min-snr-5": (["diffusion.min_snr_gamma=5"], 0.55),  # 0.337, 0.326
     "hybrid": (LEARNED_RANGE + ["diffusion.loss_type=hybrid"], 0.55),  # 0.331, 0.288
-    "kl": (LEARNED_RANGE + ["diffusion.loss_type=kl"], 0.6),  # 0.371, 0.295
+    # kl with the uniform sampler measured 0.371, 0.295; one run (kl + loss_aware) covers both
     "kl-loss-aware": (LEARNED_RANGE + ["diffusion.loss_type=kl",  # 0.337, 0.300
                                        "diffusion.timestep_sampler=loss_aware"], 0.6),
 }
@@ -198,7 +198,7 @@ def _vb(result, out):
 VB_FRACTION, VAR_FRACTION = 0.5, 0.97
 
 
-@pytest.mark.parametrize("name", ["hybrid", "kl"])
+@pytest.mark.parametrize("name", ["hybrid", "kl-loss-aware"])
 def test_heldout_vlb_falls_and_the_variance_head_learns(trained, name):
     result = trained(name)
     init, after = _vb(result, result["out_init"]), _vb(result, result["out_trained"])
