@@ -14,10 +14,14 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 .PHONY: setup test test-keras3 test-keras2 lint soak train sample train-ipu bench bench-diffusers \
 	bench-torch
 
-$(STAMP): requirements.txt
+# requirements.txt first, then the project itself, editable (pyproject.toml; the
+# ipu-diffusion command in .venv/bin). No build isolation: the venv's setuptools builds it,
+# so this step needs no download beyond requirements.txt's.
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -r requirements.txt
+	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -14,18 +14,26 @@ import warnings
 from typing import List, Optional, Sequence
 
 from ipu_diffusion.config import SAMPLERS, ConfigError, ConfigWarning, RunConfig, load_config
+from ipu_diffusion.configs import builtin_names, resolve_config
 
 EXIT_USAGE = 2
 
 
+def _prog() -> str:
+    """``ipu-diffusion`` when run as the console script, else ``python -m ipu_diffusion``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name == "ipu-diffusion" else "python -m ipu_diffusion"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ipu_diffusion",
+    p = argparse.ArgumentParser(prog=_prog(),
                                 description="Train, sample and evaluate diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML run config")
-    t.add_argument("--config", help="YAML run config (see pipeline_configs/); with --resume "
-                   "it defaults to the config saved in the workdir")
+    t.add_argument("--config", help="YAML run config file, or the name of a built-in one "
+                   f"({', '.join(builtin_names())}); with --resume it defaults to the config "
+                   "saved in the workdir")
     t.add_argument("--workdir", help="run directory for checkpoints, samples, logs "
                    "(default: runs/<run.name>)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -94,8 +102,8 @@ def _guidance_flags(s: argparse.ArgumentParser) -> None:
 def _control_parsers(sub) -> None:
     c = sub.add_parser("train-classifier", help="train a noise-aware classifier p(y | x_t, t) "
                        "for classifier guidance")
-    c.add_argument("--config", required=True, help="YAML run config (its model, diffusion "
-                   "and data sections; model.num_classes > 0)")
+    c.add_argument("--config", required=True, help="YAML run config file or built-in name "
+                   "(its model, diffusion and data sections; model.num_classes > 0)")
     c.add_argument("--workdir", required=True, help="directory for the classifier's weights "
                    "and classifier.json")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -130,8 +138,10 @@ def _load_for_train(args) -> RunConfig:
         if args.resume and args.workdir and os.path.exists(saved):
             config = saved
         else:
-            raise ConfigError("train needs --config FILE (or --resume with a --workdir that "
-                              "holds config.yaml)")
+            raise ConfigError("train needs --config FILE or NAME (or --resume with a --workdir "
+                              "that holds config.yaml)")
+    else:
+        config = resolve_config(config)
     return load_config(config, args.overrides)
 
 
@@ -203,7 +213,7 @@ def cmd_sample(args) -> int:
 def cmd_train_classifier(args) -> int:
     from ipu_diffusion.training.classifier import train_classifier
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_config(args.config), args.overrides)
     record = train_classifier(cfg, args.workdir, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr)
     print(json.dumps({"workdir": args.workdir, "train_seconds": record["train_seconds"],
