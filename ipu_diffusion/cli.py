@@ -15,8 +15,11 @@ from typing import List, Optional, Sequence
 
 from ipu_diffusion.config import SAMPLERS, ConfigError, ConfigWarning, RunConfig, load_config
 from ipu_diffusion.configs import builtin_names, resolve_config
+from ipu_diffusion.quiet import QuietStart, wants_verbose
 
 EXIT_USAGE = 2
+VERBOSE_HELP = ("show TensorFlow's C++ start-up log lines (oneDNN, CUDA, absl), hidden by "
+                "default; or set IPU_DIFFUSION_VERBOSE=1")
 
 
 def _prog() -> str:
@@ -82,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--only", default="", help="comma-separated subset, e.g. sampling,memory")
     b.add_argument("--summary-only", action="store_true",
                    help="re-check the targets from existing results")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    for command in sub.choices.values():  # also after the command: train ... --verbose
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help=VERBOSE_HELP)
     return p
 
 
@@ -303,8 +310,20 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 _python_format_warning = warnings.formatwarning
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, quiet_start: Optional[bool] = None) -> int:
+    """The command line; returns the exit status. ``quiet_start`` (default: only when
+    ``argv`` is None, i.e. this process is the command) filters TensorFlow's start-up
+    lines out of stderr (``ipu_diffusion/quiet.py``) unless ``--verbose``."""
     args = _parser().parse_args(argv)
+    if quiet_start is None:
+        quiet_start = argv is None
+    if quiet_start and not wants_verbose(args.verbose):
+        with QuietStart():  # before TensorFlow is imported
+            return _run(args)
+    return _run(args)
+
+
+def _run(args) -> int:
     warnings.formatwarning = _format_warning
     from ipu_diffusion.data import DataError
     from ipu_diffusion.diffusion.guidance import GuidanceError
