@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import warnings
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ipu_diffusion.config import SAMPLERS, ConfigError, ConfigWarning, RunConfig, load_config
 from ipu_diffusion.configs import builtin_names, resolve_config
@@ -138,7 +138,8 @@ def _control_parsers(sub) -> None:
     n.add_argument("--out", help="output prefix (default: <workdir>/interpolate_ddim<steps>)")
 
 
-def _load_for_train(args) -> RunConfig:
+def _load_for_train(args) -> Tuple[RunConfig, str]:
+    """The run config and the YAML file it came from."""
     config = args.config
     if config is None:
         saved = os.path.join(args.workdir or "", "config.yaml")
@@ -149,7 +150,7 @@ def _load_for_train(args) -> RunConfig:
                               "that holds config.yaml)")
     else:
         config = resolve_config(config)
-    return load_config(config, args.overrides)
+    return load_config(config, args.overrides), config
 
 
 def configure_devices(cfg: RunConfig) -> None:
@@ -163,13 +164,18 @@ def configure_devices(cfg: RunConfig) -> None:
 
 
 def cmd_train(args) -> int:
-    cfg = _load_for_train(args)
+    cfg, path = _load_for_train(args)
     configure_devices(cfg)
+    from ipu_diffusion.training import report
     from ipu_diffusion.training.run import train
 
-    metrics = train(cfg, args.workdir or cfg.workdir, resume=args.resume)
-    print(f"done: {metrics['steps']} steps in {metrics['wall_time_s']} s; "
-          f"samples: {metrics['samples']}")
+    workdir = args.workdir or cfg.workdir
+
+    def banner(run, start: int) -> None:
+        print("\n".join(report.banner_lines(run, start, path)), flush=True)
+
+    metrics = train(cfg, workdir, resume=args.resume, on_start=banner)
+    print("\n".join(report.summary_lines(metrics, workdir)), flush=True)
     return 0
 
 
@@ -280,7 +286,7 @@ def cmd_train_ipu(args) -> int:
     except ipu.SDKMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    cfg = _load_for_train(args)
+    cfg, _ = _load_for_train(args)
     metrics = ipu_train.train(cfg, args.workdir or cfg.workdir, resume=args.resume)
     print(f"done: {metrics['steps']} steps on IPU")
     return 0
