@@ -9,15 +9,23 @@ WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 RESUME_FLAG := $(if $(RESUME),--resume,)
 # SET="training.steps=200 eval.num_samples=0" overrides config keys (space-separated).
 SET_FLAGS := $(foreach s,$(SET),--set $(s))
-export TF_CPP_MIN_LOG_LEVEL ?= 2
+# VERBOSE=1 shows TensorFlow's C++ start-up lines, which the CLI hides (--verbose).
+VERBOSE_FLAG := $(if $(VERBOSE),--verbose,)
+# Tests and benchmarks: TensorFlow's C++ info and warning lines off, errors kept. The CLI
+# targets (train, sample, train-ipu) leave it to the CLI's quiet start.
+test test-keras3 test-keras2 lint soak bench bench-diffusers bench-torch: export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: setup test test-keras3 test-keras2 lint soak train sample train-ipu bench bench-diffusers \
 	bench-torch
 
-$(STAMP): requirements.txt
+# requirements.txt first, then the project itself, editable (pyproject.toml; the
+# ipu-diffusion command in .venv/bin). No build isolation: the venv's setuptools builds it,
+# so this step needs no download beyond requirements.txt's.
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -r requirements.txt
+	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -46,15 +54,15 @@ soak: $(STAMP)
 
 # Train CONFIG (default: the embedded digits, a few minutes on a CPU) into WORKDIR.
 train: $(STAMP)
-	$(PYTHON) -m ipu_diffusion train --config $(CONFIG) --workdir $(WORKDIR) $(RESUME_FLAG) $(SET_FLAGS)
+	$(PYTHON) -m ipu_diffusion $(VERBOSE_FLAG) train --config $(CONFIG) --workdir $(WORKDIR) $(RESUME_FLAG) $(SET_FLAGS)
 
 # Sample a grid (PNG + .npz) from WORKDIR's newest checkpoint with DDIM.
 sample: $(STAMP)
-	$(PYTHON) -m ipu_diffusion sample --workdir $(WORKDIR) --num 64 --sampler ddim --steps 50
+	$(PYTHON) -m ipu_diffusion $(VERBOSE_FLAG) sample --workdir $(WORKDIR) --num 64 --sampler ddim --steps 50
 
 # The same trainer on Graphcore IPUs (needs the Poplar SDK); IPU_MODEL=1 uses the emulator.
 train-ipu: $(STAMP)
-	$(if $(IPU_MODEL),TF_POPLAR_FLAGS="$$TF_POPLAR_FLAGS --use_ipu_model",) $(PYTHON) -m ipu_diffusion train-ipu --config $(CONFIG) --workdir $(WORKDIR) $(RESUME_FLAG) \
+	$(if $(IPU_MODEL),TF_POPLAR_FLAGS="$$TF_POPLAR_FLAGS --use_ipu_model",) $(PYTHON) -m ipu_diffusion $(VERBOSE_FLAG) train-ipu --config $(CONFIG) --workdir $(WORKDIR) $(RESUME_FLAG) \
 		$(if $(IPU_MODEL),--set ipu.ipu_model=true,)
 
 # Throughput, MFU, sampling, pipeline-overhead and memory benchmarks: JSON + PNG charts in

@@ -11,21 +11,32 @@ import json
 import os
 import sys
 import warnings
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ipu_diffusion.config import SAMPLERS, ConfigError, ConfigWarning, RunConfig, load_config
+from ipu_diffusion.configs import builtin_names, resolve_config
+from ipu_diffusion.quiet import QuietStart, wants_verbose
 
 EXIT_USAGE = 2
+VERBOSE_HELP = ("show TensorFlow's C++ start-up log lines (oneDNN, CUDA, absl), hidden by "
+                "default; or set IPU_DIFFUSION_VERBOSE=1")
+
+
+def _prog() -> str:
+    """``ipu-diffusion`` when run as the console script, else ``python -m ipu_diffusion``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name == "ipu-diffusion" else "python -m ipu_diffusion"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ipu_diffusion",
+    p = argparse.ArgumentParser(prog=_prog(),
                                 description="Train, sample and evaluate diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML run config")
-    t.add_argument("--config", help="YAML run config (see pipeline_configs/); with --resume "
-                   "it defaults to the config saved in the workdir")
+    t.add_argument("--config", help="YAML run config file, or the name of a built-in one "
+                   f"({', '.join(builtin_names())}); with --resume it defaults to the config "
+                   "saved in the workdir")
     t.add_argument("--workdir", help="run directory for checkpoints, samples, logs "
                    "(default: runs/<run.name>)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -74,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--only", default="", help="comma-separated subset, e.g. sampling,memory")
     b.add_argument("--summary-only", action="store_true",
                    help="re-check the targets from existing results")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    for command in sub.choices.values():  # also after the command: train ... --verbose
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help=VERBOSE_HELP)
     return p
 
 
@@ -94,8 +109,8 @@ def _guidance_flags(s: argparse.ArgumentParser) -> None:
 def _control_parsers(sub) -> None:
     c = sub.add_parser("train-classifier", help="train a noise-aware classifier p(y | x_t, t) "
                        "for classifier guidance")
-    c.add_argument("--config", required=True, help="YAML run config (its model, diffusion "
-                   "and data sections; model.num_classes > 0)")
+    c.add_argument("--config", required=True, help="YAML run config file or built-in name "
+                   "(its model, diffusion and data sections; model.num_classes > 0)")
     c.add_argument("--workdir", required=True, help="directory for the classifier's weights "
                    "and classifier.json")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -123,16 +138,19 @@ def _control_parsers(sub) -> None:
     n.add_argument("--out", help="output prefix (default: <workdir>/interpolate_ddim<steps>)")
 
 
-def _load_for_train(args) -> RunConfig:
+def _load_for_train(args) -> Tuple[RunConfig, str]:
+    """The run config and the YAML file it came from."""
     config = args.config
     if config is None:
         saved = os.path.join(args.workdir or "", "config.yaml")
         if args.resume and args.workdir and os.path.exists(saved):
             config = saved
         else:
-            raise ConfigError("train needs --config FILE (or --resume with a --workdir that "
-                              "holds config.yaml)")
-    return load_config(config, args.overrides)
+            raise ConfigError("train needs --config FILE or NAME (or --resume with a --workdir "
+                              "that holds config.yaml)")
+    else:
+        config = resolve_config(config)
+    return load_config(config, args.overrides), config
 
 
 def configure_devices(cfg: RunConfig) -> None:
@@ -146,13 +164,18 @@ def configure_devices(cfg: RunConfig) -> None:
 
 
 def cmd_train(args) -> int:
-    cfg = _load_for_train(args)
+    cfg, path = _load_for_train(args)
     configure_devices(cfg)
+    from ipu_diffusion.training import report
     from ipu_diffusion.training.run import train
 
-    metrics = train(cfg, args.workdir or cfg.workdir, resume=args.resume)
-    print(f"done: {metrics['steps']} steps in {metrics['wall_time_s']} s; "
-          f"samples: {metrics['samples']}")
+    workdir = args.workdir or cfg.workdir
+
+    def banner(run, start: int) -> None:
+        print("\n".join(report.banner_lines(run, start, path)), flush=True)
+
+    metrics = train(cfg, workdir, resume=args.resume, on_start=banner)
+    print("\n".join(report.summary_lines(metrics, workdir)), flush=True)
     return 0
 
 
@@ -203,7 +226,7 @@ def cmd_sample(args) -> int:
 def cmd_train_classifier(args) -> int:
     from ipu_diffusion.training.classifier import train_classifier
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_config(args.config), args.overrides)
     record = train_classifier(cfg, args.workdir, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr)
     print(json.dumps({"workdir": args.workdir, "train_seconds": record["train_seconds"],
@@ -263,7 +286,7 @@ def cmd_train_ipu(args) -> int:
     except ipu.SDKMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    cfg = _load_for_train(args)
+    cfg, _ = _load_for_train(args)
     metrics = ipu_train.train(cfg, args.workdir or cfg.workdir, resume=args.resume)
     print(f"done: {metrics['steps']} steps on IPU")
     return 0
@@ -293,8 +316,20 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 _python_format_warning = warnings.formatwarning
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, quiet_start: Optional[bool] = None) -> int:
+    """The command line; returns the exit status. ``quiet_start`` (default: only when
+    ``argv`` is None, i.e. this process is the command) filters TensorFlow's start-up
+    lines out of stderr (``ipu_diffusion/quiet.py``) unless ``--verbose``."""
     args = _parser().parse_args(argv)
+    if quiet_start is None:
+        quiet_start = argv is None
+    if quiet_start and not wants_verbose(args.verbose):
+        with QuietStart():  # before TensorFlow is imported
+            return _run(args)
+    return _run(args)
+
+
+def _run(args) -> int:
     warnings.formatwarning = _format_warning
     from ipu_diffusion.data import DataError
     from ipu_diffusion.diffusion.guidance import GuidanceError

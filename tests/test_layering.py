@@ -8,7 +8,7 @@ import os
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "ipu_diffusion")
-LAYERS = [("_keras", "config", "rng"), ("diffusion", "models", "data", "visualize"),
+LAYERS = [("_keras", "config", "configs", "quiet", "rng"), ("diffusion", "models", "data", "visualize"),
           ("pipeline",), ("inference",), ("evaluation",), ("training",), ("cli", "__main__")]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # Known, open: evaluation/run_eval.py loads a trained run through training/ (issue 17 moves

@@ -7,7 +7,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import tensorflow as tf
 
@@ -297,10 +297,13 @@ def remove_interrupted_saves(workdir: str, log=_log) -> None:
 
 
 def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
-          verbose: int = 1) -> Dict[str, Any]:
+          verbose: int = 1, on_start: Optional[Callable[[Run, int], None]] = None
+          ) -> Dict[str, Any]:
     """Train to ``cfg.training.steps``; returns (and, on the writer, writes)
     ``metrics.json``'s content. Under ``training.strategy: multi_worker`` every worker runs
-    this; only the chief (``Run.writer``) touches the workdir and evaluates."""
+    this; only the chief (``Run.writer``) touches the workdir and evaluates. The writer
+    calls ``on_start(run, start_step)`` once the run is built and restored, before the
+    first step (the CLI's banner)."""
     from ipu_diffusion.evaluation.run_eval import evaluate_run, merge_metrics
 
     workdir = workdir or cfg.workdir
@@ -311,6 +314,8 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
     t = cfg.training
     try:
         start = _start(run, multi)
+        if on_start is not None and run.writer:
+            on_start(run, start)
         callbacks, grid, guard, throughput = _callbacks(run, multi)
         began = time.time()
         history = fit_in_chunks(run, _stream(run, multi), start, t.steps, t.log_every,
