@@ -22,9 +22,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 
 
-def _run(cmd, cwd, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+def _run(cmd, cwd, timeout=300, quiet_default=False):
+    """``cmd`` without this checkout on the path; ``quiet_default``: with TensorFlow's
+    log level unset, as for a user (else 3)."""
+    drop = ("PYTHONPATH", "VIRTUAL_ENV", "TF_CPP_MIN_LOG_LEVEL", "IPU_DIFFUSION_VERBOSE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    if not quiet_default:
+        env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -95,17 +99,37 @@ def test_unknown_config_name_lists_the_builtin_ones(installed):
     assert not (outside / "run").exists()
 
 
+# the banner's fields and the summary's, as a user sees them
+BANNER_AND_SUMMARY = ("  config ", "  data       digits", "1,437 images", "  images     16x16x1",
+                      "  model      U-Net, ", "  steps      3 of batch 64", "  precision ",
+                      "  devices ", "  workdir ", "  resumed    no", "done: 3 steps in ",
+                      "             FID ", "(floor ", "near copies", "metrics.json")
+
+
 @pytest.mark.slow
 def test_installed_train_runs_outside_the_checkout(installed):
+    """One short ``ipu-diffusion train --config digits`` from the wheel, outside the
+    checkout, as a user runs it (no TF_CPP_MIN_LOG_LEVEL set): it trains and evaluates,
+    prints the banner before the first step and the summary with FID at the end, and
+    shows none of TensorFlow's start-up lines (``tests/test_quiet_start.py`` checks that
+    ``--verbose`` brings them back)."""
+    from tests.test_quiet_start import MARKERS
+
     venv, outside = installed
     workdir = outside / "run3"
     done = _run([str(venv / "bin" / "ipu-diffusion"), "train", "--config", "digits",
-                 "--set", "training.steps=3", "--set", "training.log_every=1",
-                 "--set", "eval.num_samples=0", "--set", "training.num_sample_images=0",
-                 "--workdir", str(workdir)], cwd=outside, timeout=900)
+                 "--set", "training.steps=3", "--set", "eval.num_samples=64",
+                 "--set", "eval.steps=5", "--set", "eval.batch_size=64",
+                 "--set", "training.num_sample_images=0", "--workdir", str(workdir)],
+                cwd=outside, timeout=900, quiet_default=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.path.isfile(workdir / "checkpoints" / "ckpt-3.index")
     assert load_config(str(workdir / "config.yaml")).training.steps == 3
+    for field in BANNER_AND_SUMMARY:
+        assert field in done.stdout, field
+    assert done.stdout.index("  resumed ") < done.stdout.index("done: 3 steps")
+    for marker in MARKERS:
+        assert marker not in done.stdout + done.stderr, marker
 
 
 # ------------------------------------------------------------- configs in one place

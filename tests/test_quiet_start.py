@@ -105,10 +105,9 @@ def _train(workdir, *flags, **env):
 
 
 @pytest.mark.slow
-def test_train_is_quiet_by_default_and_verbose_on_request(tmp_path):
-    quiet = _train(tmp_path / "quiet")
-    for marker in MARKERS:
-        assert marker not in quiet, quiet
+def test_train_is_verbose_on_request(tmp_path):
+    """``--verbose`` shows TensorFlow's start-up lines (that a default run shows none is
+    checked on the installed package, ``tests/test_packaging.py``)."""
     verbose = _train(tmp_path / "verbose", "--verbose")
     for marker in MARKERS:
         assert marker in verbose, verbose

@@ -4,16 +4,10 @@ metrics dict."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
-
-import pytest
 
 from ipu_diffusion.config import config_from_dict
 from ipu_diffusion.training.report import banner_lines, summary_lines
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(cfg, restored_from=None, workdir="/tmp/w"):
@@ -71,23 +65,6 @@ def test_summary_without_evaluation_or_samples():
                      "step 1,000)", "  metrics    " + os.path.join("w", "metrics.json")]
     no_fid = dict(METRICS, eval={"feature_net": None, "note": "no FID/KID: set x"})
     assert "  eval       no FID/KID: set x" in summary_lines(no_fid, "w")
-
-
-@pytest.mark.slow
-def test_train_prints_banner_and_summary_with_fid(tmp_path):
-    cmd = [sys.executable, "-m", "ipu_diffusion", "train", "--config", "digits",
-           "--set", "training.steps=2", "--set", "eval.num_samples=64",
-           "--set", "eval.steps=5", "--set", "eval.batch_size=64",
-           "--set", "training.num_sample_images=0", "--workdir", str(tmp_path / "w")]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
-    for field in ("  config ", "  data       digits", "1,437 images", "  images     16x16x1",
-                  "  model      U-Net, ", "  steps      2 of batch 64", "  precision ",
-                  "  devices ", "  workdir ", "  resumed    no", "done: 2 steps in ",
-                  "             FID ", "(floor ", "near copies", "metrics.json"):
-        assert field in out, field
-    assert out.index("  resumed ") < out.index("done: 2 steps")
 
 
 def test_default_strategy_names_the_device_tensorflow_places_ops_on():
