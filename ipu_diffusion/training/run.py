@@ -93,6 +93,12 @@ def make_strategy(cfg: RunConfig, join: bool = True):
             raise RunError(f"training.num_replicas: {want} replicas need {want} logical CPU devices "
                            f"but {len(cpus)} exist; configure them before TensorFlow starts")
         devices = [d.name for d in cpus[:want]]
+    # Collective ops are keyed by (group, instance) for the whole process, and every new
+    # MirroredStrategy numbers its groups from _collective_key_base: a second strategy on
+    # the same devices (a second run in one process) would reuse the first one's keys and
+    # fail with "Shape mismatch in the collective instance". Give each its own range, as
+    # TensorFlow's own tests do (tensorflow/python/distribute/strategy_combinations.py).
+    tf.distribute.MirroredStrategy._collective_key_base += 100000  # noqa: SLF001
     return tf.distribute.MirroredStrategy(devices)
 
 

@@ -143,6 +143,7 @@ def test_one_stage_accumulation_passes_offload_to_the_sdk(small_net):
 # --------------------------------------------------------------------------- XLA, dtypes
 
 
+@keras2_only  # the IPU driver runs on the SDK's Keras 2.6
 def test_ipu_train_function_compiles_with_xla_and_equals_the_fallback(small_net):
     """The fork compiles the train function whole with XLA (``extensions_base.py``:
     ``@tf_function(jit_compile=True)``); on CPU, the flat model's per-example loss and

@@ -40,7 +40,7 @@ from ipu_diffusion.models.unet import build_unet
 pytestmark = pytest.mark.keras2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CIFAR_YAML = os.path.join(ROOT, "pipeline_configs", "ddpm_cifar10.yaml")
+CIFAR_YAML = os.path.join(ROOT, "ipu_diffusion", "configs", "ddpm_cifar10.yaml")
 
 # Published / recorded numbers for the DDPM CIFAR-10 network (per 32x32 image).
 PUBLISHED_FORWARD_GFLOP = 12.1          # REFERENCES.md: FlopCounterMode on UNet2DModel

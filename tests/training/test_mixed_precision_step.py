@@ -61,21 +61,18 @@ def test_mixed_float16_step_gradient_is_the_float32_gradient(runs):
 
 
 def test_mixed_float16_logs_and_clips_the_unscaled_norm(runs, float32_policy):
-    """Two steps with the clip active: the logged gradient norm (taken before the clip)
-    and loss are the float32 run's within fp16 precision."""
-    logged = {}
-    for precision in ("float32", "mixed_float16"):
-        run = runs[precision]
-        keras.mixed_precision.set_global_policy(precision)
-        cfg = run.cfg
-        stream = lambda step: make_dataset(cfg, cfg.training.batch_size, cfg.run.seed,  # noqa: E731
-                                           start_step=step)
-        logged[precision] = fit_in_chunks(run, stream, 0, 2, 2, [], 0)
-    assert logged["float32"]["grad_norm"] > 0.1  # the clip is active
-    np.testing.assert_allclose(logged["mixed_float16"]["grad_norm"],
-                               logged["float32"]["grad_norm"], rtol=5e-2)
-    np.testing.assert_allclose(logged["mixed_float16"]["loss"], logged["float32"]["loss"],
-                               rtol=2e-2)
+    """One training step with the clip active (at 0.1): the logged gradient norm (taken
+    before the clip) and loss are the float32 reference's within fp16 precision."""
+    run = runs["mixed_float16"]
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    cfg = run.cfg
+    stream = lambda step: make_dataset(cfg, cfg.training.batch_size, cfg.run.seed,  # noqa: E731
+                                       start_step=step)
+    logged = fit_in_chunks(run, stream, 0, 1, 1, [], 0)
+    loss, ref = runs["ref"]
+    assert np.linalg.norm(ref) > 0.1  # the clip is active
+    np.testing.assert_allclose(logged["grad_norm"], np.linalg.norm(ref), rtol=2e-2)
+    np.testing.assert_allclose(logged["loss"], loss, rtol=1e-2)
 
 
 def test_overflow_halves_the_scale_and_training_goes_on(tmp_path, monkeypatch, float32_policy):
