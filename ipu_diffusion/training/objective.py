@@ -79,9 +79,13 @@ class DiffusionObjective:
                                weights=carry["weight"], min_snr_gamma=self.cfg.min_snr_gamma,
                                hybrid_lambda=self.cfg.hybrid_lambda)
 
+    def sampler_outputs(self, terms: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """The :attr:`sampler_keys` entries from :meth:`terms`' output (none for the
+        uniform sampler)."""
+        if not self.sampler.learns:
+            return {}
+        return {"sampler_loss": tf.stop_gradient(terms["unweighted_loss"])}
+
     def loss(self, carry: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         terms = self.terms(carry)
-        out = {"loss": terms["loss"]}
-        if self.sampler.learns:
-            out["sampler_loss"] = tf.stop_gradient(terms["unweighted_loss"])
-        return out
+        return {"loss": terms["loss"], **self.sampler_outputs(terms)}

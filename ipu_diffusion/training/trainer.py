@@ -242,9 +242,7 @@ class DiffusionTrainer(keras.Model):
                 loss = tf.reduce_sum(terms["loss"]) / self.global_batch
                 scaled = loss if scale is None else loss * scale
             grads = tape.gradient(scaled, variables)
-            stats = {"t": full["t"]}
-            stats.update({k: tf.stop_gradient(terms["unweighted_loss"])
-                          for k in self.objective.sampler_keys})
+            stats = {"t": full["t"], **self.objective.sampler_outputs(terms)}
         if scale is not None:
             grads = [tf.cast(g, tf.float32) / scale for g in grads]
         return loss, list(grads), stats
