@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--only", default="", help="comma-separated subset, e.g. sampling,memory")
     b.add_argument("--summary-only", action="store_true",
                    help="re-check the targets from existing results")
+    e.add_argument("--out", help="output prefix: PREFIX.png (64 of the samples) and PREFIX.json "
+                   "(the scores); default <workdir>/eval_samples.png. The scores also go into "
+                   "<workdir>/metrics.json")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     for command in sub.choices.values():  # also after the command: train ... --verbose
         command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -224,24 +227,29 @@ def cmd_sample(args) -> int:
 
 
 def cmd_train_classifier(args) -> int:
-    from ipu_diffusion.training.classifier import train_classifier
+    from ipu_diffusion.training.classifier import RECORD_FILE, WEIGHTS_FILE, train_classifier
 
     cfg = load_config(resolve_config(args.config), args.overrides)
     record = train_classifier(cfg, args.workdir, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr)
-    print(json.dumps({"workdir": args.workdir, "train_seconds": record["train_seconds"],
-                      "heldout_accuracy_at_t": record["heldout_accuracy_at_t"]}, indent=2))
+    accuracy = ", ".join(f"t={t} {100 * a:.1f}%" for t, a in record["heldout_accuracy_at_t"].items())
+    print(f"wrote {os.path.join(args.workdir, WEIGHTS_FILE)} and "
+          f"{os.path.join(args.workdir, RECORD_FILE)}: {record['steps']} steps in "
+          f"{record['train_seconds']} s, held-out {record['heldout_split']} accuracy {accuracy}")
     return 0
 
 
 def cmd_reconstruct(args) -> int:
-    from ipu_diffusion.evaluation.run_eval import merge_metrics
+    from ipu_diffusion.evaluation.run_eval import merge_metrics, metrics_path
     from ipu_diffusion.training.control import reconstruct_run
 
     run, _ = _restore(args.workdir)
     result = reconstruct_run(run, args.num, args.steps, args.seed, args.out or "")
     merge_metrics(args.workdir, {"reconstruct": result})
-    print(json.dumps(result, indent=2))
+    print(f"wrote {result['png']}: {result['num']} held-out {result['split']} images over "
+          f"their DDIM-{result['steps']} reconstructions, mse {result['mse']:.4g}, "
+          f"PSNR {result['psnr_db']:.1f} dB (checkpoint step {result['checkpoint_step']}; "
+          f"also in {metrics_path(args.workdir)})")
     return 0
 
 
@@ -250,7 +258,11 @@ def cmd_interpolate(args) -> int:
 
     run, _ = _restore(args.workdir)
     result = interpolate_run(run, args.steps, args.frames, args.pair, args.seed, args.out or "")
-    print(json.dumps(result, indent=2))
+    i, j = result["pair"]
+    print(f"wrote {result['png']}: held-out {result['split']} images {i} and {j}, "
+          f"{result['frames']} DDIM-{result['steps']} frames between them, end-frame mse "
+          + " and ".join(f"{v:.4g}" for v in result["endpoint_mse"])
+          + f" (checkpoint step {result['checkpoint_step']})")
     return 0
 
 
@@ -266,14 +278,21 @@ def _restore(workdir: str, overrides: Sequence[str] = ()):
 def cmd_eval(args) -> int:
     overrides = [f"eval.inception_path={args.inception}"] if args.inception else []
     run, _ = _restore(args.workdir, overrides)
-    from ipu_diffusion.evaluation.run_eval import evaluate_run
+    from ipu_diffusion.evaluation.run_eval import evaluate_run, metrics_path
+    from ipu_diffusion.training.report import eval_summary
 
     e = run.cfg.eval
+    prefix = args.out or os.path.join(args.workdir, "eval_samples")
     result = evaluate_run(run, args.num_samples or e.num_samples, args.sampler or e.sampler,
                           args.steps or e.steps, e.eta if args.eta is None else args.eta,
-                          seed=args.seed, bpd_images=args.bpd)
-    shown = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
-    print(json.dumps(shown, indent=2))
+                          seed=args.seed, bpd_images=args.bpd, grid=prefix + ".png")
+    wrote = [prefix + ".png"]
+    if args.out:
+        wrote.append(prefix + ".json")
+        with open(wrote[-1], "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    wrote.append(metrics_path(args.workdir))
+    print(f"wrote {', '.join(wrote)}: {eval_summary(result)}")
     return 0
 
 
@@ -286,9 +305,18 @@ def cmd_train_ipu(args) -> int:
     except ipu.SDKMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    cfg, _ = _load_for_train(args)
-    metrics = ipu_train.train(cfg, args.workdir or cfg.workdir, resume=args.resume)
-    print(f"done: {metrics['steps']} steps on IPU")
+    from ipu_diffusion.pipeline.ipu_plan import describe
+    from ipu_diffusion.training import report
+
+    cfg, path = _load_for_train(args)
+    workdir = args.workdir or cfg.workdir
+
+    def banner(run, plan, start: int) -> None:
+        lines = report.banner_lines(run, start, path, devices=report.ipu_devices_line(plan))
+        print("\n".join(lines + ["", describe(plan)]), flush=True)
+
+    metrics = ipu_train.train(cfg, workdir, resume=args.resume, on_start=banner)
+    print("\n".join(report.summary_lines(metrics, workdir)), flush=True)
     return 0
 
 

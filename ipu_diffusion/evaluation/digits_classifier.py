@@ -32,6 +32,7 @@ from ipu_diffusion._keras import keras
 from ipu_diffusion.data.common import dataset_identity
 from ipu_diffusion.data.digits import load_digits_split
 from ipu_diffusion.evaluation.features import EvaluationError, FeatureNet
+from ipu_diffusion.progress import Progress
 
 ARCH = "digits-cnn-v2"  # bump when the architecture or training recipe changes
 NUM_CLASSES = 10
@@ -105,18 +106,17 @@ def _fit(model: keras.Model, x: np.ndarray, y: np.ndarray, epochs: int, seed: in
             loss = loss_fn(yb, model(xb, training=True)[1])
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
 
     shuffler = np.random.RandomState(seed)
     steps = max(1, len(x) // BATCH_SIZE)  # a set smaller than a batch is one batch
-    bar = keras.utils.Progbar(epochs, unit_name="epoch") if verbose else None
+    bar = Progress(epochs, "digits classifier", unit="epochs") if verbose else None
     for epoch in range(epochs):
         order = shuffler.permutation(len(x))
         for i in range(steps):
             idx = order[i * BATCH_SIZE:(i + 1) * BATCH_SIZE]
-            loss = step(tf.constant(x[idx]), tf.constant(y[idx]))
+            step(tf.constant(x[idx]), tf.constant(y[idx]))
         if bar is not None:
-            bar.update(epoch + 1, [("loss", float(loss))])
+            bar.add(1)
 
 
 def accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> float:

@@ -13,7 +13,7 @@ from typing import Callable, Tuple
 
 import numpy as np
 
-from ipu_diffusion._keras import keras
+from ipu_diffusion.progress import Progress
 
 
 class EvaluationError(ValueError):
@@ -56,12 +56,12 @@ def extract(fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]], images: n
     if batch_size <= 0:
         raise EvaluationError(f"batch_size must be > 0, got {batch_size}")
     n = len(images)
-    bar = keras.utils.Progbar(n, unit_name="image") if verbose and n > batch_size else None
+    bar = Progress(n, "features") if verbose and n > batch_size else None
     feats, logits = [], []
     for start in range(0, n, batch_size):
         f, z = fn(images[start:start + batch_size])
         feats.append(np.asarray(f, np.float64))
         logits.append(np.asarray(z, np.float64))
         if bar is not None:
-            bar.update(min(n, start + batch_size))
+            bar.add(len(f))
     return np.concatenate(feats), np.concatenate(logits)

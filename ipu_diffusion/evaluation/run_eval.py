@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 
-from ipu_diffusion._keras import keras
 from ipu_diffusion.evaluation.evaluate import digits_quality, inception_quality
 from ipu_diffusion.evaluation.inception import ENV_VAR
+from ipu_diffusion.progress import Progress
 from ipu_diffusion.visualize import save_image_grid
 
 EVAL_CACHE = "eval_cache"
@@ -34,7 +34,7 @@ def bits_per_dim(run, images: np.ndarray, batch_size: int, seed: int = 0) -> Dic
 
     _, denoise = ema_unet(run)
     x = quantize_256(images).astype(np.float32)
-    bar = keras.utils.Progbar(len(x), unit_name="image")
+    bar = Progress(len(x), "bits/dim")
     totals, priors = [], []
     for i in range(0, len(x), batch_size):
         chunk = x[i:i + batch_size]
@@ -93,9 +93,11 @@ def _quality(run, images: np.ndarray, verbose: bool) -> Dict[str, Any]:
 
 
 def evaluate_run(run, num_samples: int, sampler: str, steps: int, eta: float, seed: int = 0,
-                 bpd_images: int = 0, verbose: bool = True) -> Dict[str, Any]:
+                 bpd_images: int = 0, verbose: bool = True,
+                 grid: Optional[str] = None) -> Dict[str, Any]:
     """Sample ``num_samples`` images, score them, and record everything in
-    ``<workdir>/metrics.json`` under ``"eval"``; also writes ``eval_samples.png``."""
+    ``<workdir>/metrics.json`` under ``"eval"``; also writes a grid of 64 samples to
+    ``grid`` (default ``<workdir>/eval_samples.png``)."""
     from ipu_diffusion.data import held_out_split, load_arrays
     from ipu_diffusion.training.generate import sample_images
 
@@ -114,14 +116,18 @@ def evaluate_run(run, num_samples: int, sampler: str, steps: int, eta: float, se
         result.update(bits_per_dim(run, held_out[:bpd_images], run.cfg.eval.batch_size, seed))
         result["bpd_split"] = split
     result["wall_time_s"] = round(time.time() - began, 2)
-    save_image_grid(images[:64], os.path.join(run.workdir, "eval_samples.png"))
+    save_image_grid(images[:64], grid or os.path.join(run.workdir, "eval_samples.png"))
     merge_metrics(run.workdir, {"eval": result})
     return result
 
 
+def metrics_path(workdir: str) -> str:
+    return os.path.join(workdir, "metrics.json")
+
+
 def merge_metrics(workdir: str, update: Dict[str, Any]) -> Dict[str, Any]:
     """Merge ``update`` into ``<workdir>/metrics.json`` (atomic replace)."""
-    path = os.path.join(workdir, "metrics.json")
+    path = metrics_path(workdir)
     data: Dict[str, Any] = {}
     if os.path.exists(path):
         with open(path) as f:

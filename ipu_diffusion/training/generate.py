@@ -6,10 +6,10 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from ipu_diffusion._keras import keras
 from ipu_diffusion.diffusion import guidance as guidance_lib
 from ipu_diffusion.diffusion import sampling
 from ipu_diffusion.diffusion.guidance import GuidanceError
+from ipu_diffusion.progress import Progress
 
 
 def ema_unet(run):
@@ -134,7 +134,7 @@ def sample_images(run, num: int, seed: int, sampler: Optional[str] = None,
     if sampler == "ddim":
         extra["eta"] = eta
     shape = (batch_size, cfg.model.image_size, cfg.model.image_size, cfg.model.in_channels)
-    bar = keras.utils.Progbar(num, unit_name="image") if progress else None
+    bar = Progress(num, "sampling") if progress else None
     out = []
     for i in range(0, num, batch_size):
         if guide is not None:  # a short last batch is padded with repeated labels

@@ -245,10 +245,13 @@ def build_ipu_run(cfg: RunConfig, workdir: str, system_ipus: Optional[int] = Non
 
 
 def train(run_config: RunConfig, workdir: Optional[str] = None, resume: bool = False,
-          verbose: int = 1, system_ipus: Optional[int] = None) -> Dict[str, Any]:
+          verbose: int = 1, system_ipus: Optional[int] = None,
+          on_start: Optional[Callable[[Any, IPUPlan, int], None]] = None) -> Dict[str, Any]:
     """Train on IPUs to ``training.steps``; same workdir, stream, checkpoint layout and
     SIGTERM handling as :func:`ipu_diffusion.training.run.train`. Under ``poprun`` only
-    instance 0 writes (checkpoints, TensorBoard, ``metrics.json``, ``config.yaml``).
+    instance 0 writes (checkpoints, TensorBoard, ``metrics.json``, ``config.yaml``) and
+    calls ``on_start(run, plan, start_step)`` before the first step (default: print the
+    plan's table).
     Sample grids are not made during IPU training (see the README's IPU section)."""
     from ipu_diffusion.data import make_dataset
     from ipu_diffusion.evaluation.run_eval import merge_metrics
@@ -265,8 +268,11 @@ def train(run_config: RunConfig, workdir: Optional[str] = None, resume: bool = F
     run, plan = build_ipu_run(cfg, workdir, system_ipus)
     run.writer = writer
     if writer:
-        print(describe(plan))
         start = run_lib.start_from_checkpoint(run)
+        if on_start is not None:
+            on_start(run, plan, start)
+        else:
+            print(describe(plan))
     else:  # reads instance 0's checkpoints; checks no disk, says nothing
         start = run_lib.restore_latest(run, required=False, log=lambda message: None)
     use_labels = bool(run.objective.num_classes)

@@ -65,8 +65,21 @@ def devices_line(run: Any) -> str:
     return text
 
 
-def banner_lines(run: Any, start: int, config_path: Optional[str]) -> List[str]:
-    """The lines printed before the first step of ``train``."""
+def ipu_devices_line(plan: Any) -> str:
+    """``train-ipu``'s devices: replicas, IPUs, and each pipeline stage's IPU."""
+    text = (f"IPU, {plan.replicas} replica(s) x {plan.ipus_per_replica} IPU(s) = "
+            f"{plan.total_ipus} of {plan.system_ipus} IPUs")
+    if plan.pipelined:
+        stages = "; ".join(f"{s}: IPU {d}" for s, d in enumerate(plan.device_mapping))
+        text += (f"; pipeline of {plan.num_stages} stages ({stages}), {plan.microbatches} "
+                 f"microbatches, schedule {plan.schedule}")
+    return text
+
+
+def banner_lines(run: Any, start: int, config_path: Optional[str],
+                 devices: Optional[str] = None) -> List[str]:
+    """The lines printed before the first step of ``train`` (``devices``: the devices
+    line, default :func:`devices_line` of the run's strategy)."""
     cfg, t, m = run.cfg, run.cfg.training, run.cfg.model
     resumed = (f"yes, from {run.restored_from} (step {start:,})" if run.restored_from
                else "no, a new run")
@@ -78,7 +91,7 @@ def banner_lines(run: Any, start: int, config_path: Optional[str]) -> List[str]:
                           f"ch_mult {list(m.ch_mult)})"),
             _row("steps", f"{t.steps:,} of batch {t.batch_size}, lr {t.lr:g}"),
             _row("precision", t.precision),
-            _row("devices", devices_line(run)),
+            _row("devices", devices or devices_line(run)),
             _row("workdir", os.path.abspath(run.workdir)),
             _row("resumed", resumed)]
 
@@ -87,17 +100,37 @@ def _num(value: Optional[float], digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def scores_text(result: Dict[str, Any]) -> str:
+    """FID, IS, precision and recall, each next to its real-data floor."""
+    pairs = [("FID", "fid", 2), ("IS", "inception_score", 2), ("precision", "precision", 3),
+             ("recall", "recall", 3)]
+    return ", ".join(f"{name} {_num(result.get(key), d)} "
+                     f"(floor {_num(result.get('floor_' + key), d)})" for name, key, d in pairs)
+
+
+def _samples_text(result: Dict[str, Any]) -> str:
+    return (f"{result.get('num_samples', 0):,} {result.get('sampler', '')}-"
+            f"{result.get('steps', '')} samples, {result.get('feature_net')}")
+
+
+def eval_summary(result: Dict[str, Any]) -> str:
+    """An evaluation in one line: scores, near copies, bits/dim, what was sampled."""
+    parts = [scores_text(result)] if result.get("fid") is not None else \
+        [result.get("note", "no FID (no feature network)")]
+    if "near_copies" in result:
+        parts.append(f"near copies {100 * result['near_copies']:.1f}%")
+    if "bpd" in result:
+        parts.append(f"{result['bpd']:.3f} bits/dim on {result['bpd_images']} "
+                     f"{result['bpd_split']} images")
+    return "; ".join(parts) + f" ({_samples_text(result)}, checkpoint step " \
+        f"{result.get('checkpoint_step', '?')})"
+
+
 def eval_lines(result: Dict[str, Any]) -> List[str]:
     """FID, IS, precision and recall next to the real-data floor, and near copies."""
     if result.get("fid") is None:
         return [_row("eval", result.get("note", "no FID (no feature network)"))]
-    pairs = [("FID", "fid", 2), ("IS", "inception_score", 2), ("precision", "precision", 3),
-             ("recall", "recall", 3)]
-    scores = ", ".join(f"{name} {_num(result.get(key), d)} (floor {_num(result.get('floor_' + key), d)})"
-                       for name, key, d in pairs)
-    lines = [_row("eval", f"{result.get('num_samples', 0):,} {result.get('sampler', '')}-"
-                          f"{result.get('steps', '')} samples, {result.get('feature_net')}"),
-             _row("", scores)]
+    lines = [_row("eval", _samples_text(result)), _row("", scores_text(result))]
     if "near_copies" in result:
         lines.append(_row("", f"near copies of training images: {100 * result['near_copies']:.1f}%"))
     return lines

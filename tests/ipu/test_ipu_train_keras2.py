@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 from ipu_testlib import DIGITS
 
+from ipu_diffusion import cli
 from ipu_diffusion._keras import IS_KERAS3, keras
 from ipu_diffusion.config import load_config
 from ipu_diffusion.models import layers
@@ -62,13 +63,22 @@ def stand_ins(monkeypatch):
     layers.set_group_norm_factory(None)
 
 
-def test_ipu_train_writes_run_and_restores(stand_ins, tmp_path):
+def test_ipu_train_writes_run_and_restores(stand_ins, tmp_path, capsys):
+    """``train-ipu`` through the CLI: banner (with the plan's table), run, summary."""
     workdir = str(tmp_path / "run")
-    first = ipu_train.train(load_config(DIGITS, SHORT + ["training.steps=4"]), workdir, verbose=0)
+    argv = ["train-ipu", "--config", DIGITS, "--workdir", workdir]
+    assert cli.main(argv + [f"--set={s}" for s in SHORT + ["training.steps=4"]]) == 0
+    out = capsys.readouterr().out
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        first = json.load(f)
     assert (first["steps"], first["resumed_from"], first["backend"]) == (4, 0, "ipu")
     assert first["final_loss"] is not None and first["final_loss"] > 0
-    with open(os.path.join(workdir, "metrics.json")) as f:
-        assert json.load(f)["steps"] == 4
+    for field in ("  config ", "  data       digits", "  model      U-Net, ", "  steps      4 of batch 16",
+                  "  devices    IPU, 1 replica(s) x 1 IPU(s) = 1 of ", "  resumed    no, a new run",
+                  "execution  steps_per_execution 1", "done: 4 steps in ",
+                  f"final loss {first['final_loss']:.4f}", os.path.join(workdir, "metrics.json")):
+        assert field in out, (field, out)
+    assert out.index("  resumed ") < out.index("stage ") < out.index("done: 4 steps")
     latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
     names = [n for n, _ in tf.train.list_variables(latest)]
     assert "ema/shadow/0/.ATTRIBUTES/VARIABLE_VALUE" in names  # the CPU trainer's layout

@@ -2,6 +2,7 @@
 and data-parallel replicas give the one-device update."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -108,3 +109,38 @@ def test_pipelined_training_equals_unsplit(two_steps, tmp_path):
     b = _state(str(tmp_path / "two"), _cfg(*EQUAL))[0]
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)  # Adam: see the mirrored test
+
+
+PROGRESS = re.compile(r"^[a-z/ ]+  [\d,]+/[\d,]+ (images|epochs)  [\d.,]+ (images|epochs)/s  ")
+
+
+def test_commands_say_in_one_line_what_they_wrote(six_steps, tmp_path, capsys):
+    """sample, eval, reconstruct and interpolate on a trained run: each writes to --out
+    and prints one ``wrote ...`` line naming the files (progress lines aside)."""
+    from ipu_diffusion import cli
+
+    workdir, _ = six_steps
+    out = str(tmp_path)
+    commands = {
+        "sample": (["--num", "4", "--steps", "3"], [".png", ".npz"]),
+        "eval": (["--num-samples", "8", "--steps", "3"], [".png", ".json"]),
+        "reconstruct": (["--num", "2", "--steps", "3"], [".png"]),
+        "interpolate": (["--frames", "3", "--steps", "3"], [".png"]),
+    }
+    said = {}
+    for command, (flags, suffixes) in commands.items():
+        prefix = os.path.join(out, command)
+        assert cli.main([command, "--workdir", workdir, "--out", prefix] + flags) == 0
+        lines = capsys.readouterr().out.splitlines()
+        wrote = [line for line in lines if line.startswith("wrote ")]
+        progress = [line for line in lines if PROGRESS.match(line)]
+        assert len(wrote) == 1 and len(wrote) + len(progress) == len(lines), (command, lines)
+        said[command] = wrote[0]
+        for suffix in suffixes:
+            assert os.path.isfile(prefix + suffix), (command, suffix)
+            assert prefix + suffix in wrote[0], (command, wrote[0])
+    with open(os.path.join(out, "eval.json")) as f:
+        scores = json.load(f)
+    assert scores["num_samples"] == 8 and scores["checkpoint_step"] == 6
+    assert f"FID {scores['fid']:.2f} (floor {scores['floor_fid']:.2f})" in said["eval"]
+    assert os.path.join(workdir, "metrics.json") in said["eval"]
