@@ -357,24 +357,33 @@ def main(argv: Optional[List[str]] = None, quiet_start: Optional[bool] = None) -
     return _run(args)
 
 
+# The exceptions that are the user's to fix (exit 2), by module: looked up only among
+# the modules already imported, so an early config error does not wait for TensorFlow.
+USAGE_ERRORS = (("ipu_diffusion.config", "ConfigError"), ("ipu_diffusion.data.common", "DataError"),
+                ("ipu_diffusion.diffusion.guidance", "GuidanceError"),
+                ("ipu_diffusion.training.run", "RunError"))
+
+
+def _loaded(pairs) -> tuple:
+    return tuple(getattr(sys.modules[m], name) for m, name in pairs if m in sys.modules)
+
+
 def _run(args) -> int:
     warnings.formatwarning = _format_warning
-    from ipu_diffusion.data import DataError
-    from ipu_diffusion.diffusion.guidance import GuidanceError
-    from ipu_diffusion.training.run import Interrupted, RunError
-
     handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
                 "train-ipu": cmd_train_ipu, "train-classifier": cmd_train_classifier,
                 "reconstruct": cmd_reconstruct, "interpolate": cmd_interpolate,
                 "bench": cmd_bench}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, RunError, GuidanceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        return 128 + e.signum
+    except Exception as e:  # noqa: BLE001 (re-raised unless it is a usage error or a stop)
+        if isinstance(e, _loaded(USAGE_ERRORS)):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(e, _loaded([("ipu_diffusion.training.run", "Interrupted")])):
+            print(str(e), file=sys.stderr)
+            return 128 + e.signum
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

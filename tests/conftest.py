@@ -8,6 +8,12 @@ import tensorflow as tf  # noqa: E402
 
 NUM_LOGICAL_CPUS = 4
 
+# Grappler's graph rewrites (constant folding, layout, op fusion) take about a quarter of
+# a tiny training run's time and change no value these tests check. The runs the tests
+# start as subprocesses (the CLI, multi-worker, SIGKILL, packaging) keep them on, as
+# users run.
+tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+
 _cpus = tf.config.list_physical_devices("CPU")
 try:
     tf.config.set_logical_device_configuration(

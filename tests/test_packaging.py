@@ -113,14 +113,15 @@ def test_installed_train_runs_outside_the_checkout(installed):
     prints the banner before the first step and the summary with FID at the end, and
     shows none of TensorFlow's start-up lines (``tests/test_quiet_start.py`` checks that
     ``--verbose`` brings them back)."""
-    from tests.test_quiet_start import MARKERS
+    from tests.test_quiet_start import MARKERS, SMALL_NET
 
     venv, outside = installed
     workdir = outside / "run3"
     done = _run([str(venv / "bin" / "ipu-diffusion"), "train", "--config", "digits",
                  "--set", "training.steps=3", "--set", "eval.num_samples=64",
                  "--set", "eval.steps=5", "--set", "eval.batch_size=64",
-                 "--set", "training.num_sample_images=0", "--workdir", str(workdir)],
+                 "--set", "training.num_sample_images=0", "--workdir", str(workdir)] +
+                [f"--set={s}" for s in SMALL_NET],
                 cwd=outside, timeout=900, quiet_default=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.path.isfile(workdir / "checkpoints" / "ckpt-3.index")

@@ -18,12 +18,10 @@ import yaml
 from ipu_diffusion.training import objective as objective_module
 from ipu_diffusion.training.run import (RunError, build_run, checkpoint_damage,
                                         restore_latest, train)
-from tests.training.test_train_e2e import TINY, _cfg
+from tests.training.test_train_e2e import ARTEFACTS, TINY, _cfg
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SMALL = ("model.ch_mult=[1]", "model.attn_resolutions=[]")  # half TINY's tracing time
-NO_GRID = ("training.num_sample_images=0",)  # no sampler to trace after training
 
 
 def _nan_every(period, offset=0):
@@ -43,7 +41,7 @@ def _nan_every(period, offset=0):
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     monkeypatch.setattr(objective_module, "training_losses", _nan_every(3))
-    metrics = train(_cfg(*SMALL, *NO_GRID, "model.dropout=0.0", "training.steps=6"),
+    metrics = train(_cfg("model.dropout=0.0", "training.steps=6"),
                     str(tmp_path / "r"), verbose=0)
     assert metrics["steps"] == 6 and metrics["skipped_nonfinite_steps"] == 2
 
@@ -52,7 +50,7 @@ def test_consecutive_nonfinite_steps_stop_with_the_last_good_checkpoint(tmp_path
     monkeypatch.setattr(objective_module, "training_losses", _nan_every(0, offset=3))
     workdir = str(tmp_path / "r")
     with pytest.raises(RunError, match=r"consecutive steps up to step 7 .*max_nonfinite_steps = 4"):
-        train(_cfg(*SMALL, *NO_GRID, "model.dropout=0.0", "training.steps=20",
+        train(_cfg("model.dropout=0.0", "training.steps=20",
                    "training.max_nonfinite_steps=4"), workdir, verbose=0)
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("-3")
 
@@ -68,8 +66,7 @@ def test_unwritable_workdir_and_other_run_are_refused(tmp_path):
 
 
 def test_sigterm_saves_and_resume_finishes(tmp_path):
-    cfg = dict(TINY, model=dict(TINY["model"], ch_mult=[1], attn_resolutions=[]),  # = SMALL
-               # more steps than a fast machine runs before the signal; no periodic save
+    cfg = dict(TINY,  # more steps than a fast machine runs before the signal; no periodic save
                training=dict(TINY["training"], steps=4000, log_every=5, checkpoint_every=10000))
     cfg["eval"] = dict(TINY["eval"], at_end=False)
     path, workdir = tmp_path / "c.yaml", tmp_path / "run"
@@ -96,7 +93,7 @@ def test_too_little_disk_space_is_refused_before_training(tmp_path, monkeypatch)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=100_000))
     workdir = str(tmp_path / "r")
     with pytest.raises(RunError) as err:
-        train(_cfg(*SMALL), workdir, verbose=0)
+        train(_cfg(), workdir, verbose=0)
     # 10,593 parameters: 4 x 4 bytes each = 165.5 KiB a checkpoint; 3 kept + 1, x1.25
     assert re.search(rf"workdir {re.escape(workdir)}: 97.7 KiB free but about 827.6 KiB needed "
                      r"for checkpoints \(3 kept \+ 1 being written, 165.5 KiB each", str(err.value))
@@ -109,7 +106,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
     restores the one before it and retrains to the identical state. Files of a save
     that never got recorded are ignored; a finished run resumed writes a missing final
     grid; when every checkpoint is damaged, it stops."""
-    cfg = _cfg(*SMALL, "training.steps=6", "training.checkpoint_every=3")
+    cfg = _cfg(*ARTEFACTS, "training.steps=6", "training.checkpoint_every=3")
     workdir = str(tmp_path / "r")
     ckpt = os.path.join(workdir, "checkpoints")
     train(cfg, workdir, verbose=0)

@@ -139,17 +139,6 @@ def train(name, data_path, workdir, seed=0, extra=()):
     return result
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_grappler():
-    """Grappler's graph rewrites (semantics-preserving) take about a quarter of each
-    run's CPU time here (trace, rewrite and first execution of the train step dominate a
-    40-step run); off while this module compiles, restored after."""
-    before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-    yield
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": before})
-
-
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("data") / "crosses.npz")
