@@ -28,19 +28,26 @@ except RuntimeError:  # already initialised by an earlier import
 # first keeps a long file from landing last on one worker while the other idles.
 # Unlisted files count 30 s per ``slow`` test and 0.5 s per other test.
 FILE_SECONDS = {
+    "tests/training/test_train_e2e.py": 95,
     "tests/training/test_reliability_sigkill.py": 90,
-    "tests/training/test_train_e2e.py": 80,
-    "tests/training/test_multi_worker.py": 60,
-    "tests/training/test_reliability.py": 50,
+    "tests/training/test_multi_worker.py": 85,
+    "tests/training/test_step_contract.py": 65,
     "tests/ipu/test_ipu_contract.py": 60,  # Keras 2: the longest file of make test-keras2
-    "tests/ipu/test_ipu_device_dtypes.py": 35,  # Keras 2 only
-    "tests/ipu/test_ipu_train_keras2.py": 35,  # Keras 2 only
-    "tests/pipeline/test_pipeline_invariant.py": 30,
-    "tests/benchmarks/test_bench_smoke.py": 25,
-    "tests/ipu/test_ipu_cli.py": 20,
-    "tests/guidance/test_guidance_classifier.py": 15,
-    "tests/guidance/test_guidance_cfg.py": 15,
-    "tests/evaluation/test_eval_digits.py": 12,
+    "tests/training/test_reliability.py": 55,
+    "tests/training/test_training_learns.py": 48,
+    "tests/ipu/test_ipu_train_keras2.py": 45,  # Keras 2 only
+    "tests/pipeline/test_pipeline_invariant.py": 40,
+    "tests/ipu/test_ipu_device_dtypes.py": 40,  # Keras 2 only
+    "tests/test_packaging.py": 30,
+    "tests/training/test_resume_config.py": 26,
+    "tests/test_quiet_start.py": 26,
+    "tests/training/test_mixed_precision_step.py": 25,
+    "tests/benchmarks/test_bench_smoke.py": 22,
+    "tests/models/test_models_unet.py": 20,
+    "tests/guidance/test_guidance_classifier.py": 19,
+    "tests/guidance/test_guidance_cfg.py": 18,
+    "tests/models/test_models_presets.py": 15,
+    "tests/evaluation/test_eval_digits.py": 14,
 }
 
 

@@ -24,7 +24,6 @@ from ipu_diffusion import rng
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ipu"))
 from sdk_dtypes import format_violations, non_ipu_dtypes  # noqa: E402
 
-pytestmark = pytest.mark.keras2  # no Keras involved: run under Keras 2 too
 
 # --------------------------------------------------------------------------- recorded values
 # Recorded from the uint32 implementation of ipu_diffusion/rng.py at git commit dc57fb8 (the

@@ -10,7 +10,6 @@ import pytest
 from ipu_diffusion.config import ConfigError, ModelConfig, load_config
 from ipu_diffusion.models.unet import build_unet
 
-pytestmark = pytest.mark.keras2
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "pipeline_configs")
 
@@ -54,6 +53,7 @@ def closed_form_params(m: ModelConfig) -> int:
     return total + 2 * c + conv(c, out_ch)
 
 
+@pytest.mark.keras2  # the layers' parameter counts under tf_keras too
 def test_ddpm_cifar10_has_the_reference_parameter_count():
     cfg = _preset("ddpm_cifar10")
     unet = build_unet(cfg.model)

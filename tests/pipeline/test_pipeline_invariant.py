@@ -8,6 +8,7 @@ import logging
 import pytest
 import tensorflow as tf
 
+from ipu_diffusion._keras import IS_KERAS3
 from ipu_diffusion.config import ModelConfig, PipelineConfig
 from ipu_diffusion.pipeline.fallback import PipelineExecutor
 from ipu_diffusion.pipeline.memory import stash_depth
@@ -16,6 +17,11 @@ from pipeline_fakes import (FRONT, FRONT_Y, LOSS, FakeUNet, brute_force_crossing
                             max_relative_error, reference_gradients, toy_front, toy_loss)
 
 pytestmark = pytest.mark.keras2
+# Under Keras 2 (make test-keras2) the same executor runs on tf_keras layers: there the
+# grid is checked at its deepest corner, S = 4 with M = 4 (every schedule, recomputation on
+# and off), and the real U-Net with its skip riding through three stages; Keras 3 runs
+# the whole grid.
+KERAS2_CORNER = "under Keras 2 only S = 4, M = 4 and the skip through three stages run"
 logging.getLogger("ipu_diffusion.pipeline.fallback").setLevel(logging.ERROR)  # placement: see devices test
 
 TOL = 1e-5
@@ -45,6 +51,8 @@ def _executor(unet, pipeline, cache, front=FRONT, front_fn=toy_front, final=("lo
 @pytest.mark.parametrize("micro", [1, 4])
 @pytest.mark.parametrize("stages", [1, 2, 4])
 def test_pipelined_gradient_equals_full_batch_gradient(fake, stages, micro, schedule, recompute):
+    if not IS_KERAS3 and (stages, micro) != (4, 4):
+        pytest.skip(KERAS2_CORNER)
     unet, batch, ref_loss, ref, cache = fake
     pipeline = PipelineConfig(stages=stages, cuts=FAKE_CUTS[stages], microbatches=micro,
                               schedule=schedule, recompute=recompute)
@@ -111,6 +119,8 @@ def real():
     (2, ("mid_attn",), 2, "grouped", False),
 ])
 def test_real_unet_invariant(real, stages, cuts, micro, schedule, recompute):
+    if not IS_KERAS3 and stages != 4:
+        pytest.skip(KERAS2_CORNER)
     unet, batch, ref_loss, ref = real
     pipeline = PipelineConfig(stages=stages, cuts=cuts, microbatches=micro, schedule=schedule,
                               recompute=recompute)
