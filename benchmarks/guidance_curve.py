@@ -33,7 +33,7 @@ from ipu_diffusion.cli import _restore  # noqa: E402
 from ipu_diffusion.diffusion.guidance import cycle_labels  # noqa: E402
 from ipu_diffusion.evaluation.digits_classifier import load_digits_classifier  # noqa: E402
 from ipu_diffusion.evaluation.evaluate import digits_quality  # noqa: E402
-from ipu_diffusion.training.generate import sample_images  # noqa: E402
+from ipu_diffusion.inference.generate import sample_images  # noqa: E402
 from ipu_diffusion.visualize import save_image_grid  # noqa: E402
 
 METRICS = ("label_agreement", "fid", "precision", "recall")
@@ -109,7 +109,7 @@ def run_groups(run, args, net, cache: str) -> List[Dict[str, object]]:
                    and (args.settings or r.get("group") not in args.only)]
     clf = None
     if any(s["guidance"] == "classifier" for s in todo):
-        from ipu_diffusion.training.classifier import load_classifier
+        from ipu_diffusion.inference.classifier import load_classifier
 
         clf = load_classifier(args.classifier)
     rows = []

@@ -6,7 +6,7 @@ the per-step overhead of the compiled sampling loop over a bare forward pass.
 
 Chains are ``diffusion.sampling.sample`` (one compiled ``tf.while_loop`` with the network
 inside; DDIM respaces the 1000-step cosine diffusion uniformly) over
-``training.generate.denoise_fn_for(build_unet(digits))``; the bare forward pass is the
+``inference.generate.denoise_fn_for(build_unet(digits))``; the bare forward pass is the
 same ``denoise_fn`` under ``tf.function`` at the same batch. All are measured in
 interleaved rounds; a short chain is called several times per sample so every sample
 takes a comparable time. ``overhead`` = (chain seconds / steps) / forward seconds - 1.
@@ -26,7 +26,7 @@ def make_fns(cfg, batch: int, chains: Dict[str, tuple]):
     """``{name: zero-arg callable}`` for the forward pass and each ``(sampler, steps)`` chain."""
     from ipu_diffusion.diffusion import sampling
     from ipu_diffusion.models.unet import build_unet
-    from ipu_diffusion.training.generate import denoise_fn_for
+    from ipu_diffusion.inference.generate import denoise_fn_for
     from ipu_diffusion.diffusion.gaussian import GaussianDiffusion
 
     unet = build_unet(cfg.model, zero_init=False)

@@ -199,13 +199,13 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     from ipu_diffusion.diffusion.guidance import cycle_labels
-    from ipu_diffusion.training.generate import sample_images
+    from ipu_diffusion.inference.generate import sample_images
     from ipu_diffusion.visualize import save_image_grid
 
     _check_guidance_flags(args)
     classifier = None
     if args.classifier:
-        from ipu_diffusion.training.classifier import load_classifier
+        from ipu_diffusion.inference.classifier import load_classifier
 
         classifier = load_classifier(args.classifier)
     run, step = _restore(args.workdir)
@@ -241,7 +241,7 @@ def cmd_train_classifier(args) -> int:
 
 def cmd_reconstruct(args) -> int:
     from ipu_diffusion.evaluation.run_eval import merge_metrics, metrics_path
-    from ipu_diffusion.training.control import reconstruct_run
+    from ipu_diffusion.inference.control import reconstruct_run
 
     run, _ = _restore(args.workdir)
     result = reconstruct_run(run, args.num, args.steps, args.seed, args.out or "")
@@ -254,7 +254,7 @@ def cmd_reconstruct(args) -> int:
 
 
 def cmd_interpolate(args) -> int:
-    from ipu_diffusion.training.control import interpolate_run
+    from ipu_diffusion.inference.control import interpolate_run
 
     run, _ = _restore(args.workdir)
     result = interpolate_run(run, args.steps, args.frames, args.pair, args.seed, args.out or "")
@@ -267,12 +267,11 @@ def cmd_interpolate(args) -> int:
 
 
 def _restore(workdir: str, overrides: Sequence[str] = ()):
-    from ipu_diffusion.training.run import CONFIG_FILE, build_run, restore_latest
+    """The run's EMA model (``inference.Pipeline``) and its checkpoint step."""
+    from ipu_diffusion.inference import Pipeline
 
-    cfg = load_config(os.path.join(workdir, CONFIG_FILE), overrides)
-    configure_devices(cfg)
-    run = build_run(cfg, workdir)
-    return run, restore_latest(run, required=True)
+    pipe = Pipeline.from_workdir(workdir, overrides)
+    return pipe, pipe.step
 
 
 def cmd_eval(args) -> int:
@@ -361,6 +360,7 @@ def main(argv: Optional[List[str]] = None, quiet_start: Optional[bool] = None) -
 # the modules already imported, so an early config error does not wait for TensorFlow.
 USAGE_ERRORS = (("ipu_diffusion.config", "ConfigError"), ("ipu_diffusion.data.common", "DataError"),
                 ("ipu_diffusion.diffusion.guidance", "GuidanceError"),
+                ("ipu_diffusion.inference.pipeline", "WorkdirError"),
                 ("ipu_diffusion.training.run", "RunError"))
 
 

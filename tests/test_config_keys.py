@@ -49,7 +49,7 @@ def test_shipped_configs_do_not_hold_removed_keys():
 # ----------------------------------------------------------------- keys without effect
 
 # (overrides, the key that has no effect with them): each from the code that reads it
-# (diffusion/losses.py, training/run.py, training/generate.py, data/dataset.py).
+# (diffusion/losses.py, training/run.py, inference/generate.py, data/dataset.py).
 NO_EFFECT = [
     (["diffusion.loss_type=kl", "diffusion.min_snr_gamma=5.0"], "diffusion.min_snr_gamma"),
     (["diffusion.hybrid_lambda=0.01"], "diffusion.hybrid_lambda"),

@@ -30,7 +30,7 @@ def bits_per_dim(run, images: np.ndarray, batch_size: int, seed: int = 0) -> Dic
     """Mean negative VLB in bits/dim of ``images`` [N, H, W, C] under the EMA model,
     over all timesteps plus the prior term (Ho et al. 2020 eq. 5), batched."""
     from ipu_diffusion.diffusion.losses import bits_per_dim as vlb_bpd
-    from ipu_diffusion.training.generate import ema_unet
+    from ipu_diffusion.inference.generate import ema_unet
 
     _, denoise = ema_unet(run)
     x = quantize_256(images).astype(np.float32)
@@ -39,7 +39,7 @@ def bits_per_dim(run, images: np.ndarray, batch_size: int, seed: int = 0) -> Dic
     for i in range(0, len(x), batch_size):
         chunk = x[i:i + batch_size]
         pad = batch_size - len(chunk)  # keep one batch shape: one compiled chain
-        out = vlb_bpd(run.objective.diffusion, denoise,
+        out = vlb_bpd(run.diffusion, denoise,
                       np.concatenate([chunk, chunk[:pad]]) if pad else chunk, seed=seed + i)
         totals.append(out["total_bpd"].numpy()[: len(chunk)])
         priors.append(out["prior_bpd"].numpy()[: len(chunk)])
@@ -99,7 +99,7 @@ def evaluate_run(run, num_samples: int, sampler: str, steps: int, eta: float, se
     ``<workdir>/metrics.json`` under ``"eval"``; also writes a grid of 64 samples to
     ``grid`` (default ``<workdir>/eval_samples.png``)."""
     from ipu_diffusion.data import held_out_split, load_arrays
-    from ipu_diffusion.training.generate import sample_images
+    from ipu_diffusion.inference.generate import sample_images
 
     began = time.time()
     images = sample_images(run, num_samples, seed, sampler=sampler, steps=steps, eta=eta,

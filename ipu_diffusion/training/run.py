@@ -13,13 +13,12 @@ import tensorflow as tf
 
 from ipu_diffusion._keras import keras
 from ipu_diffusion.config import ConfigError, RunConfig, load_config, resume_conflicts, save_config
+from ipu_diffusion.inference.pipeline import CHECKPOINT_DIR, CONFIG_FILE
 from ipu_diffusion.training import callbacks as cb
 from ipu_diffusion.training import multi_worker as mw
 from ipu_diffusion.training.objective import DiffusionObjective
 from ipu_diffusion.training.trainer import DiffusionTrainer, build_optimizer_state, make_optimizer
 
-CONFIG_FILE = "config.yaml"
-CHECKPOINT_DIR = "checkpoints"
 # A checkpoint holds the weights, their EMA and Adam's two slots: 4 float32 values per
 # parameter. Free space must fit the kept checkpoints plus the one being written, with
 # this margin for index files, TensorBoard and sample grids.
@@ -60,6 +59,15 @@ class Run:
     @property
     def step(self) -> int:
         return int(self.trainer.optimizer.iterations.numpy())
+
+    # what inference/ reads of a model source (inference/pipeline.py)
+    @property
+    def diffusion(self):
+        return self.objective.diffusion
+
+    @property
+    def ema(self):
+        return self.trainer.ema
 
 
 def is_writer(cfg: RunConfig) -> bool:
@@ -407,7 +415,7 @@ def _callbacks(run: Run, multi: bool):
     """``(callbacks, grid or None, guard, throughput)``: checkpoints on every process
     (non-writers save into scratch directories), TensorBoard and sample grids
     (``training.num_sample_images`` > 0) on the writer only."""
-    from ipu_diffusion.training.generate import ema_unet, sample_images
+    from ipu_diffusion.inference.generate import ema_unet, sample_images
     from ipu_diffusion.visualize import save_image_grid
 
     cfg, t, workdir = run.cfg, run.cfg.training, run.workdir

@@ -22,7 +22,8 @@ from ipu_diffusion.diffusion.guidance import (GuidanceError, classifier_cond_fn,
 from ipu_diffusion.diffusion.sampling import guided_x0_eps, sample
 from ipu_diffusion.diffusion.schedules import make_betas
 from ipu_diffusion.models.unet import build_unet
-from ipu_diffusion.training import classifier as C
+from ipu_diffusion.inference import classifier as C
+from ipu_diffusion.training.classifier import train_classifier
 
 N = 2000
 
@@ -123,7 +124,7 @@ def test_classifier_is_the_unet_encoder_with_a_pooling_head():
 
 def test_train_save_load_round_trip(tmp_path):
     cfg = config_from_dict(TINY)
-    record = C.train_classifier(cfg, str(tmp_path), steps=3, verbose=False)
+    record = train_classifier(cfg, str(tmp_path), steps=3, verbose=False)
     assert set(record["heldout_accuracy_at_t"]) == {"0", "10", "25", "50", "75"}
     assert all(0.0 <= v <= 1.0 for v in record["heldout_accuracy_at_t"].values())
     saved = json.load(open(os.path.join(tmp_path, C.RECORD_FILE)))
@@ -141,5 +142,5 @@ def test_train_save_load_round_trip(tmp_path):
 
 def test_classifier_needs_classes():
     with pytest.raises(GuidanceError, match="model.num_classes"):
-        C.train_classifier(config_from_dict(TINY, ["model.num_classes=0", "data.use_labels=false"]),
+        train_classifier(config_from_dict(TINY, ["model.num_classes=0", "data.use_labels=false"]),
                            "/nonexistent", steps=1, verbose=False)

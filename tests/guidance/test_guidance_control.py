@@ -9,7 +9,7 @@ from ipu_diffusion.diffusion.gaussian import GaussianDiffusion
 from ipu_diffusion.diffusion.guidance import GuidanceError
 from ipu_diffusion.diffusion.oracle import gaussian_oracle
 from ipu_diffusion.diffusion.schedules import make_betas
-from ipu_diffusion.training.control import (ENCODE_MIN_ALPHA_BAR, decode, encode,
+from ipu_diffusion.inference.control import (ENCODE_MIN_ALPHA_BAR, decode, encode,
                                            encoding_timesteps, interpolate, reconstruct)
 
 MU, SD = 0.3, 0.2

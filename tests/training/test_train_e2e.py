@@ -144,3 +144,28 @@ def test_commands_say_in_one_line_what_they_wrote(six_steps, tmp_path, capsys):
     assert scores["num_samples"] == 8 and scores["checkpoint_step"] == 6
     assert f"FID {scores['fid']:.2f} (floor {scores['floor_fid']:.2f})" in said["eval"]
     assert os.path.join(workdir, "metrics.json") in said["eval"]
+
+
+def test_pipeline_from_workdir_restores_the_ema_weights_alone(six_steps, tmp_path):
+    """``inference.Pipeline`` reads only the EMA shadow and the step of the newest
+    checkpoint: its weights are the checkpoint's tensors, and it samples what the full
+    training run restored from the same workdir samples."""
+    from ipu_diffusion.inference import Pipeline, WorkdirError
+    from ipu_diffusion.inference.generate import ema_unet, sample_images
+
+    workdir, _ = six_steps
+    pipe = Pipeline.from_workdir(workdir)
+    prefix = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    assert pipe.step == 6 and pipe.restored_from == prefix
+    for i, v in enumerate(ema_unet(pipe)[0].trainable_variables):
+        np.testing.assert_array_equal(
+            v.numpy(), tf.train.load_variable(prefix, f"ema/shadow/{i}/.ATTRIBUTES/VARIABLE_VALUE"))
+    run = build_run(_cfg(*ARTEFACTS), workdir)
+    restore_latest(run, required=True)
+    np.testing.assert_array_equal(pipe.sample(3, steps=4, seed=1),
+                                  sample_images(run, 3, 1, steps=4))
+    latents = pipe.encode(pipe.sample(2, steps=4), steps=4)
+    assert latents.shape == (2, 8, 8, 1) and np.isfinite(latents).all()
+    assert pipe.decode(latents, steps=4).shape == (2, 8, 8, 1)
+    with pytest.raises(WorkdirError, match="no config.yaml"):
+        Pipeline.from_workdir(str(tmp_path))

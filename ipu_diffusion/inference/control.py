@@ -107,7 +107,7 @@ def held_out(run) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
 def _run_denoiser(run, labels: Optional[np.ndarray]) -> Tuple[Callable, str]:
     """The EMA model's denoiser: conditional on ``labels`` when the model takes labels
     and they are given, else unconditional (the null label of a conditional model)."""
-    from ipu_diffusion.training.generate import unconditional_fn, ema_guide, ema_unet
+    from ipu_diffusion.inference.generate import unconditional_fn, ema_guide, ema_unet
 
     if labels is not None and "y" in ema_unet(run)[0].input_keys:
         return ema_guide(run, "none").set(labels).denoise_fn, "conditional"
@@ -124,7 +124,7 @@ def reconstruct_run(run, num: int, steps: int, seed: int = 0, out: str = "") -> 
         raise GuidanceError(f"--num: need 1..{len(images)} held-out images, got {num}")
     pick = np.sort(np.random.RandomState(seed).choice(len(images), num, replace=False))
     denoise, mode = _run_denoiser(run, None if labels is None else labels[pick])
-    result = reconstruct(run.objective.diffusion, denoise, images[pick], steps)
+    result = reconstruct(run.diffusion, denoise, images[pick], steps)
     recon = np.clip(result["reconstructions"], -1.0, 1.0)
     mse = np.mean((recon - images[pick]) ** 2, axis=(1, 2, 3))
     cols = min(num, 16)
@@ -155,7 +155,7 @@ def interpolate_run(run, steps: int, frames: int, pair: Optional[Sequence[int]] 
     if len(pair) != 2 or not all(0 <= int(i) < len(images) for i in pair):
         raise GuidanceError(f"--pair: need two indices in 0..{len(images) - 1}, got {list(pair)}")
     denoise, _ = _run_denoiser(run, None)
-    result = interpolate(run.objective.diffusion, denoise, images[pair[0]], images[pair[1]],
+    result = interpolate(run.diffusion, denoise, images[pair[0]], images[pair[1]],
                          frames, steps)
     strip = np.concatenate([images[pair[0]][None], np.clip(result["images"], -1.0, 1.0),
                             images[pair[1]][None]])

@@ -1,4 +1,5 @@
-"""Sampling from a run's EMA weights with the compiled samplers of diffusion/sampling.py."""
+"""Sampling from a model source's EMA weights (``inference/pipeline.py``) with the compiled
+samplers of diffusion/sampling.py."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -12,16 +13,18 @@ from ipu_diffusion.diffusion.guidance import GuidanceError
 from ipu_diffusion.progress import Progress
 
 
-def ema_unet(run):
-    """A second U-Net holding the run's EMA weights (built once, refreshed every call),
-    and its denoise function (one closure, so the compiled sampler is traced once)."""
+def ema_unet(source):
+    """A U-Net holding the model source's EMA weights (built once unless the source
+    brings one, refreshed every call: a training run's EMA moves), and its denoise
+    function (one closure, so the compiled sampler is traced once)."""
     from ipu_diffusion.models.unet import build_unet
 
-    if getattr(run, "_ema_unet", None) is None:
-        run._ema_unet = build_unet(run.cfg.model)
-        run._ema_denoise = denoise_fn_for(run._ema_unet)
-    run.trainer.ema.copy_to(run._ema_unet.trainable_variables)
-    return run._ema_unet, run._ema_denoise
+    if getattr(source, "_ema_denoise", None) is None:
+        if getattr(source, "_ema_unet", None) is None:
+            source._ema_unet = build_unet(source.cfg.model)
+        source._ema_denoise = denoise_fn_for(source._ema_unet)
+    source.ema.copy_to(source._ema_unet.trainable_variables)
+    return source._ema_unet, source._ema_denoise
 
 
 def denoise_fn_for(unet, labels: Optional[tf.Tensor] = None) -> Callable:
@@ -67,7 +70,7 @@ def ema_guide(run, guidance: str, classifier=None) -> guidance_lib.Guide:
     """The (cached) :class:`~ipu_diffusion.diffusion.guidance.Guide` of the run's EMA
     model: ``"none"`` on a conditional model = plain conditional sampling, ``"cfg"`` =
     classifier-free guidance, ``"classifier"`` = guidance of the unconditional (null
-    label) model by ``classifier`` (a ``training.classifier.NoiseAwareClassifier``)."""
+    label) model by ``classifier`` (a ``inference.classifier.NoiseAwareClassifier``)."""
     unet, _ = ema_unet(run)
     key = (guidance, id(classifier))
     guides = run.__dict__.setdefault("_guides", {})
@@ -139,7 +142,7 @@ def sample_images(run, num: int, seed: int, sampler: Optional[str] = None,
     for i in range(0, num, batch_size):
         if guide is not None:  # a short last batch is padded with repeated labels
             guide.set(np.resize(labels[i:i + batch_size], batch_size), scale)
-        x = sampling.sample(run.objective.diffusion, denoise, shape, sampler=sampler, steps=steps,
+        x = sampling.sample(run.diffusion, denoise, shape, sampler=sampler, steps=steps,
                             seed=seed * 1_000_003 + i, **extra)
         out.append(np.asarray(x)[: num - i])
         if bar is not None:
