@@ -1,7 +1,8 @@
 """Progress of long loops (sampling, scoring, bits/dim): items done, rate, time left.
 
-One line per task. On a terminal it is redrawn in place; into a file or a pipe a line is
-written at most every ``every`` seconds and once at the end, so logs stay short::
+One line per task, once it has run for ``quiet_for`` seconds (quick work says nothing).
+On a terminal it is redrawn in place; into a file or a pipe a line is written at most
+every ``every`` seconds and once at the end, so logs stay short::
 
     sampling  250/1,000 images  36.1 images/s  ETA 21 s
 """
@@ -31,16 +32,17 @@ class Progress:
 
     def __init__(self, total: int, label: str, unit: str = "images",
                  stream: Optional[TextIO] = None, every: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, quiet_for: float = 2.0):
         self.total, self.label, self.unit = int(total), label, unit
         self.stream = stream if stream is not None else sys.stdout
-        self.every, self.clock = float(every), clock
+        self.every, self.clock, self.quiet_for = float(every), clock, float(quiet_for)
         self.done = 0
         self.began = clock()
         self._first: Optional[tuple] = None  # (time, items) after the first batch
         self._last_line = -float("inf")
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._width = 0  # of the line on screen, so a shorter one overwrites it fully
+        self._said = False
 
     def rate(self) -> float:
         """Items per second (0 before the first batch)."""
@@ -69,11 +71,13 @@ class Progress:
         if self._first is None:
             self._first = (now, self.done)
         finished = self.done >= self.total
+        if not self._said and now - self.began < self.quiet_for:
+            return  # work shorter than quiet_for seconds says nothing
         if self._tty:
             text = self.line()
             self.stream.write("\r" + text.ljust(self._width) + ("\n" if finished else ""))
-            self._width = len(text)
+            self._width, self._said = len(text), True
         elif finished or now - self._last_line >= self.every:
             self.stream.write(self.line() + "\n")
-            self._last_line = now
+            self._last_line, self._said = now, True
         self.stream.flush()

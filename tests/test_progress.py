@@ -62,3 +62,12 @@ def test_a_terminal_line_is_redrawn_and_cleared():
 def test_format_seconds():
     assert [format_seconds(s) for s in (0, 59.4, 61, 3599, 3600 * 2 + 61)] == \
         ["0 s", "59 s", "1 min 01 s", "59 min 59 s", "2 h 01 min"]
+
+
+def test_quick_work_says_nothing():
+    clock, out = Clock(), io.StringIO()
+    bar = Progress(3, "features", stream=out, every=0.0, clock=clock)
+    for _ in range(3):
+        clock.now += 0.5
+        bar.add(1)
+    assert out.getvalue() == ""

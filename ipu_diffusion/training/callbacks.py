@@ -70,23 +70,32 @@ class CheckpointCallback(keras.callbacks.Callback):
 
 class ThroughputCallback(keras.callbacks.Callback):
     """Adds ``img_per_s`` to the logs: host wall clock from the end of each epoch's first
-    batch (which may include tracing) to the current batch."""
+    batch (which may include tracing) to the current batch. Until some epoch has a second
+    batch (one-step epochs: ``training.log_every: 1``), the rate of the first batches
+    themselves, measured from the start of their epoch."""
 
-    def __init__(self, global_batch: int):
+    def __init__(self, global_batch: int, clock=time.perf_counter):
         super().__init__()
-        self.global_batch = global_batch
-        self._start = None
+        self.global_batch, self.clock = global_batch, clock
+        self._begin = self._start = None
+        self._steady = False  # a rate without an epoch's first batch has been measured
         self.img_per_s = 0.0
+
+    def _rate(self, since, now, step) -> float:
+        return (step - since[1]) * self.global_batch / (now - since[0]) if now > since[0] else 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = None
+        self._begin = (self.clock(), _step(self.model))
 
     def on_train_batch_end(self, batch, logs=None):
-        now, step = time.perf_counter(), _step(self.model)
+        now, step = self.clock(), _step(self.model)
         if self._start is None:
             self._start = (now, step)
+            if not self._steady and self._begin is not None:
+                self.img_per_s = self._rate(self._begin, now, step)
         elif now > self._start[0]:
-            self.img_per_s = (step - self._start[1]) * self.global_batch / (now - self._start[0])
+            self.img_per_s, self._steady = self._rate(self._start, now, step), True
         if logs is not None:
             logs["img_per_s"] = self.img_per_s
 

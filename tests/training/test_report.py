@@ -74,3 +74,36 @@ def test_default_strategy_names_the_device_tensorflow_places_ops_on():
     line = [x for x in banner_lines(run, 0, None) if x.startswith("  devices")][0]
     assert line in ("  devices    default, 1 replica(s) on CPU:0",
                     "  devices    default, 1 replica(s) on GPU:0")
+
+
+def test_throughput_with_one_step_epochs_and_after():
+    """img/s of one-step epochs (log_every 1) is their own rate, first batch and all; once
+    an epoch has a second batch, the rate leaves the epochs' first batches out."""
+    from types import SimpleNamespace
+
+    import tensorflow as tf
+
+    from ipu_diffusion.training.callbacks import ThroughputCallback
+
+    now = [0.0]
+    step = tf.Variable(0, dtype=tf.int64)
+    cb = ThroughputCallback(64, clock=lambda: now[0])
+    cb.set_model(SimpleNamespace(optimizer=SimpleNamespace(iterations=step)))
+    seen = []
+
+    def batch(seconds):
+        now[0] += seconds
+        step.assign_add(1)
+        logs = {}
+        cb.on_train_batch_end(0, logs)
+        seen.append(logs["img_per_s"])
+
+    cb.on_epoch_begin(0)
+    batch(2.0)                   # one step in 2 s: 32 img/s
+    cb.on_epoch_begin(1)
+    batch(1.0)                   # still no steady rate: 64 img/s
+    batch(0.5)
+    batch(0.5)                   # 2 steps in 1 s after the first: 128 img/s
+    cb.on_epoch_begin(2)
+    batch(5.0)                   # a slow first batch does not replace the steady rate
+    assert seen == [32.0, 64.0, 128.0, 128.0, 128.0]
