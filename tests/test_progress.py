@@ -33,17 +33,23 @@ def test_rate_and_time_left_leave_out_the_first_batch():
     assert out.getvalue().splitlines()[-1] == "sampling  1,000/1,000 images  22.2 images/s  took 45 s"
 
 
-def test_a_file_gets_a_line_every_few_seconds_and_the_last():
+def _run(total, seconds_each, every):
+    """A file-bound bar over ``total`` items of ``seconds_each``: what it wrote."""
     clock, out = Clock(), io.StringIO()
-    bar = Progress(10, "features", stream=out, every=10.0, clock=clock)
-    for _ in range(10):
-        clock.now += 3.0
+    bar = Progress(total, "features", stream=out, every=every, clock=clock)
+    for _ in range(total):
+        clock.now += seconds_each
         bar.add(1)
-    lines = out.getvalue().splitlines()
+    return out.getvalue()
+
+
+def test_a_file_gets_a_line_every_few_seconds_and_the_last():
+    written = _run(10, 3.0, every=10.0)
+    lines = written.splitlines()
     # t = 3 (first), 15 (>= 10 s later), 27, then the end at 30
     assert [line.split("  ")[1] for line in lines] == ["1/10 images", "5/10 images",
                                                       "9/10 images", "10/10 images"]
-    assert "\r" not in out.getvalue()
+    assert "\r" not in written
 
 
 def test_a_terminal_line_is_redrawn_and_cleared():
@@ -65,9 +71,4 @@ def test_format_seconds():
 
 
 def test_quick_work_says_nothing():
-    clock, out = Clock(), io.StringIO()
-    bar = Progress(3, "features", stream=out, every=0.0, clock=clock)
-    for _ in range(3):
-        clock.now += 0.5
-        bar.add(1)
-    assert out.getvalue() == ""
+    assert _run(3, 0.5, every=0.0) == ""

@@ -5,11 +5,8 @@ The network is the U-Net's encoder half -- the ``embed``, ``in_conv``, ``down*``
 ``mid_*`` blocks of ``models.plan.plan_unet``, built by ``models.unet.make_block_layer``
 from the same layer code -- followed by a pooling head: GroupNorm -> swish -> global
 average pool -> Dense(num_classes). It takes the timestep like the U-Net does, so one
-network classifies at every noise level. Training draws t uniformly from 0..T-1 and
-x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020 eq. 4) with
-the run's own schedule, and minimises softmax cross-entropy with Adam.
+network classifies at every noise level.
 
-    record = train_classifier(cfg, "runs/digits_cond/classifier", steps=500)
     clf = load_classifier("runs/digits_cond/classifier")
     logits = clf.logits_fn(x_t, t)                        # [B, num_classes]
 
