@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     for action in t._actions[1:]:  # the same flags as train
         i._add_action(action)
     _control_parsers(sub)
+    _import_parser(sub)
 
     b = sub.add_parser("bench", help="throughput, MFU, sampling, pipeline and memory "
                        "benchmarks (benchmarks/run_all.py of a source checkout): JSON and PNG "
@@ -139,6 +140,21 @@ def _control_parsers(sub) -> None:
                    help="held-out image indices (default: two of different classes by --seed)")
     n.add_argument("--seed", type=int, default=0, help="which images")
     n.add_argument("--out", help="output prefix (default: <workdir>/interpolate_ddim<steps>)")
+
+
+def _import_parser(sub) -> None:
+    d = sub.add_parser("import-diffusers", help="import a diffusers UNet2DModel of the DDPM "
+                       "family (e.g. google/ddpm-cifar10-32) into a new run directory that "
+                       "sample, eval and train --resume accept")
+    d.add_argument("--model-dir", required=True, help="local diffusers folder: config.json and "
+                   "diffusion_pytorch_model.safetensors (and scheduler_config.json), or a "
+                   "pipeline folder with unet/ and scheduler/")
+    d.add_argument("--workdir", required=True, help="the new run directory (config.yaml, "
+                   "checkpoints/ckpt-0 with the weights as the model and its EMA)")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a key of the new run's config (repeatable), e.g. the data to "
+                   "fine-tune on: --set data.source=npz --set data.path=cifar10.npz; not the "
+                   "keys that define the network")
 
 
 def _load_for_train(args) -> Tuple[RunConfig, str]:
@@ -223,6 +239,30 @@ def cmd_sample(args) -> int:
     save_image_grid(images, prefix + ".png", ncols=classes if cycled else None)
     np.savez_compressed(prefix + ".npz", images=images, step=step)
     print(f"wrote {prefix}.png and {prefix}.npz ({len(images)} images, checkpoint step {step})")
+    return 0
+
+
+def cmd_import_diffusers(args) -> int:
+    from ipu_diffusion.inference.diffusers_import import load_weights, read_diffusers_dir
+
+    imported = read_diffusers_dir(args.model_dir)  # every check before the workdir is touched
+    cfg = imported.run_config(args.overrides)
+    from ipu_diffusion.training.run import (CHECKPOINT_DIR, CONFIG_FILE, RunError, build_run,
+                                            prepare_workdir)
+
+    if os.path.exists(os.path.join(args.workdir, CHECKPOINT_DIR, "checkpoint")):
+        raise RunError(f"workdir {args.workdir} already holds a run; import into a new --workdir")
+    configure_devices(cfg)
+    prepare_workdir(cfg, args.workdir, resume=False)
+    run = build_run(cfg, args.workdir)
+    load_weights(run.unet, imported.tensors)
+    for shadow, weight in zip(run.trainer.ema.shadow, run.unet.trainable_variables):
+        shadow.assign(weight)  # sample and eval read the EMA: it starts at the imported weights
+    path = run.manager.save(checkpoint_number=0)
+    for note in imported.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {os.path.join(args.workdir, CONFIG_FILE)} and {path}: {args.model_dir} "
+          f"({run.unet.count_params():,} parameters) as step 0, weights and EMA")
     return 0
 
 
@@ -373,7 +413,7 @@ def _run(args) -> int:
     handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
                 "train-ipu": cmd_train_ipu, "train-classifier": cmd_train_classifier,
                 "reconstruct": cmd_reconstruct, "interpolate": cmd_interpolate,
-                "bench": cmd_bench}
+                "bench": cmd_bench, "import-diffusers": cmd_import_diffusers}
     try:
         return handlers[args.command](args)
     except Exception as e:  # noqa: BLE001 (re-raised unless it is a usage error or a stop)
