@@ -247,22 +247,16 @@ def cmd_import_diffusers(args) -> int:
 
     imported = read_diffusers_dir(args.model_dir)  # every check before the workdir is touched
     cfg = imported.run_config(args.overrides)
-    from ipu_diffusion.training.run import (CHECKPOINT_DIR, CONFIG_FILE, RunError, build_run,
-                                            prepare_workdir)
+    from ipu_diffusion.inference.pipeline import CONFIG_FILE
+    from ipu_diffusion.training.pretrained import start_run_from_weights
 
-    if os.path.exists(os.path.join(args.workdir, CHECKPOINT_DIR, "checkpoint")):
-        raise RunError(f"workdir {args.workdir} already holds a run; import into a new --workdir")
     configure_devices(cfg)
-    prepare_workdir(cfg, args.workdir, resume=False)
-    run = build_run(cfg, args.workdir)
-    load_weights(run.unet, imported.tensors)
-    for shadow, weight in zip(run.trainer.ema.shadow, run.unet.trainable_variables):
-        shadow.assign(weight)  # sample and eval read the EMA: it starts at the imported weights
-    path = run.manager.save(checkpoint_number=0)
+    path, params = start_run_from_weights(cfg, args.workdir,
+                                          lambda unet: load_weights(unet, imported.tensors))
     for note in imported.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {os.path.join(args.workdir, CONFIG_FILE)} and {path}: {args.model_dir} "
-          f"({run.unet.count_params():,} parameters) as step 0, weights and EMA")
+          f"({params:,} parameters) as step 0, weights and EMA")
     return 0
 
 
