@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output prefix (default: <workdir>/sample_<sampler><steps>)")
     _guidance_flags(s)
 
+    x = sub.add_parser("export", help="write a TensorFlow SavedModel of a trained run's EMA "
+                       "network (signatures denoise and sample) that loads without this package")
+    x.add_argument("--workdir", required=True, help="run directory written by train")
+    x.add_argument("--out", metavar="SAVEDMODEL",
+                   help="SavedModel directory (default: <workdir>/savedmodel)")
+
     e = sub.add_parser("eval", help="sample with the EMA weights and compute FID/KID/IS/"
                        "precision/recall (and bits/dim) into <workdir>/metrics.json")
     e.add_argument("--workdir", required=True, help="run directory written by train")
@@ -260,6 +266,17 @@ def cmd_import_diffusers(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ipu_diffusion.inference.export import export_saved_model
+
+    pipe, step = _restore(args.workdir)
+    out = export_saved_model(pipe, args.out or os.path.join(args.workdir, "savedmodel"))
+    denoise = "denoise(x_t, t, y)" if pipe.cfg.model.num_classes else "denoise(x_t, t)"
+    print(f"wrote {out}: signatures {denoise} and sample(num, steps, seed) of the EMA network "
+          f"at checkpoint step {step}")
+    return 0
+
+
 def cmd_train_classifier(args) -> int:
     from ipu_diffusion.training.classifier import RECORD_FILE, WEIGHTS_FILE, train_classifier
 
@@ -407,7 +424,8 @@ def _run(args) -> int:
     handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
                 "train-ipu": cmd_train_ipu, "train-classifier": cmd_train_classifier,
                 "reconstruct": cmd_reconstruct, "interpolate": cmd_interpolate,
-                "bench": cmd_bench, "import-diffusers": cmd_import_diffusers}
+                "bench": cmd_bench, "import-diffusers": cmd_import_diffusers,
+                "export": cmd_export}
     try:
         return handlers[args.command](args)
     except Exception as e:  # noqa: BLE001 (re-raised unless it is a usage error or a stop)

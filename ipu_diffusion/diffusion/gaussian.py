@@ -40,10 +40,12 @@ def model_output_channels(channels: int, var_type: str = "fixed_large") -> int:
     return 2 * channels if var_type == "learned_range" else channels
 
 
-def gather_coef(table: np.ndarray, t: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-    """float32 ``table[t]`` for a ``[T]`` table and int ``t`` ``[B]``, shaped
-    ``[B, 1, ..., 1]`` to broadcast against ``x`` ``[B, ...]`` (static rank)."""
-    values = tf.gather(tf.constant(table, tf.float32), tf.cast(t, tf.int32))
+def gather_coef(table, t: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """float32 ``table[t]`` for a ``[T]`` table (numpy, or a tensor computed in the graph,
+    see ``respace.RuntimeRespaced``) and int ``t`` ``[B]``, shaped ``[B, 1, ..., 1]`` to
+    broadcast against ``x`` ``[B, ...]`` (static rank)."""
+    table = tf.cast(table, tf.float32) if tf.is_tensor(table) else tf.constant(table, tf.float32)
+    values = tf.gather(table, tf.cast(t, tf.int32))
     return tf.reshape(values, [-1] + [1] * (x.shape.rank - 1))
 
 

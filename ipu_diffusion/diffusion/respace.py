@@ -7,14 +7,18 @@ as t. So DDPM, strided DDPM and DDIM sampling all run on one ``GaussianDiffusion
 
     steps = space_timesteps(1000, "ddim50")          # [0, 20, 40, ..., 980]
     fast = respace(diffusion, steps)                 # 50-step GaussianDiffusion
+
+:class:`RuntimeRespaced` is the uniform respacing for a step count that is a tensor (an
+input of an exported sampler), computed as graph ops with the same float64 arithmetic.
 """
 from __future__ import annotations
 
 from typing import Iterable, List, Union
 
 import numpy as np
+import tensorflow as tf
 
-from ipu_diffusion.diffusion.gaussian import GaussianDiffusion
+from ipu_diffusion.diffusion.gaussian import GaussianDiffusion, gather_coef
 
 SPACINGS = ("uniform", "ddim", "quadratic")
 
@@ -106,3 +110,69 @@ def respace(diffusion: GaussianDiffusion, use_timesteps: Iterable[int]) -> Gauss
     return GaussianDiffusion(betas, mean_type=diffusion.mean_type, var_type=diffusion.var_type,
                              loss_type=diffusion.loss_type,
                              timestep_map=diffusion.timestep_map[kept])
+
+
+def _uniform_graph(T: int, count: tf.Tensor) -> tf.Tensor:
+    """:func:`_uniform` as graph ops, int32 ``[count]``: the same float64 stride and
+    product, rounded half to even like Python's ``round``."""
+    stride = tf.where(count > 1, (T - 1) / tf.cast(tf.maximum(count - 1, 1), tf.float64),
+                      tf.constant(1.0, tf.float64))
+    return tf.cast(tf.round(tf.range(count, dtype=tf.float64) * stride), tf.int32)
+
+
+def _prepend_one(x: tf.Tensor) -> tf.Tensor:
+    """``np.append(1.0, x)`` for a float64 ``[n]`` tensor."""
+    return tf.concat([tf.ones([1], tf.float64), x], 0)
+
+
+class RuntimeRespaced(GaussianDiffusion):
+    """``diffusion`` respaced to ``steps`` evenly spaced steps, ``steps`` an int32 scalar
+    tensor in 1..T known only when the graph runs: the diffusion ``sampling.sample(...,
+    steps=steps)`` samples with (``respace(diffusion, space_timesteps(T, "uniform S"))``,
+    or ``diffusion`` itself for S = T, which ``sample`` does not respace).
+
+    Built inside a ``tf.function``; ``num_timesteps`` is the tensor S, ``timestep_map`` an
+    int32 ``[S]`` tensor, and the tables are float64 tensors computed from ``diffusion``'s
+    float64 ``alphas_cumprod`` by the operations of :func:`_uniform`, :func:`respace` and
+    ``GaussianDiffusion._set_tables``, in their order (a 1-D ``cumprod`` runs sequentially
+    like numpy's), so their float32 casts equal the numpy tables bit for bit. Only the
+    tables the DDIM chain reads exist (:attr:`TABLES`).
+    """
+
+    TABLES = ("alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+              "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+              "sqrt_recipm1_alphas_cumprod")
+
+    def __init__(self, diffusion: GaussianDiffusion, steps):
+        T = diffusion.num_timesteps
+        steps = tf.convert_to_tensor(steps, tf.int32)
+        kept = _uniform_graph(T, steps)
+        alpha_bar = tf.gather(tf.constant(diffusion.alphas_cumprod, tf.float64), kept)
+        betas = tf.cond(tf.equal(steps, T), lambda: tf.constant(diffusion.betas, tf.float64),
+                        lambda: 1.0 - alpha_bar / _prepend_one(alpha_bar[:-1]))
+        self.mean_type, self.var_type = diffusion.mean_type, diffusion.var_type
+        self.loss_type = diffusion.loss_type
+        self.num_timesteps = steps
+        self.timestep_map = tf.gather(tf.constant(diffusion.timestep_map, tf.int32), kept)
+        self.betas = betas
+        self.alphas_cumprod = tf.math.cumprod(1.0 - betas)  # Ho et al. eq. 4
+        self.alphas_cumprod_prev = _prepend_one(self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = tf.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = tf.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = tf.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = tf.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        self._f32 = {name: tf.cast(getattr(self, name), tf.float32) for name in self.TABLES}
+
+    def coef(self, name: str, t: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+        if name not in self._f32:
+            raise NotImplementedError(f"{name}: a RuntimeRespaced diffusion has only the tables "
+                                      f"of DDIM sampling ({', '.join(self.TABLES)})")
+        return gather_coef(self._f32[name], t, x)
+
+    @property
+    def fingerprint(self):
+        raise TypeError("a RuntimeRespaced diffusion holds tensors: it cannot key a cache")
+
+    def __repr__(self) -> str:
+        return (f"RuntimeRespaced(S={self.num_timesteps}, mean_type={self.mean_type!r}, "
+                f"var_type={self.var_type!r})")

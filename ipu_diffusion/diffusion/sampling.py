@@ -39,9 +39,18 @@ Output = Union[tf.Tensor, Dict[str, tf.Tensor]]
 
 def ddim_sigmas(diffusion: GaussianDiffusion, eta: float) -> np.ndarray:
     """sigma_t(eta) = eta sqrt((1 - a_{t-1}) / (1 - a_t)) sqrt(1 - a_t / a_{t-1}) with
-    a = alpha_bar (Song et al. 2021 eq. 16), ``np.float64[T]``; 0 at the last step."""
+    a = alpha_bar (Song et al. 2021 eq. 16), ``np.float64[T]`` (a float64 tensor for a
+    ``respace.RuntimeRespaced`` diffusion, same operations); 0 at the last step."""
     ab, ab_prev = diffusion.alphas_cumprod, diffusion.alphas_cumprod_prev
-    return eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab)) * np.sqrt(1.0 - ab / ab_prev)
+    sqrt = tf.sqrt if tf.is_tensor(ab) else np.sqrt
+    return eta * sqrt((1.0 - ab_prev) / (1.0 - ab)) * sqrt(1.0 - ab / ab_prev)
+
+
+def batch_seed(seed, offset):
+    """The seed of the batch that starts at example ``offset`` of a sampling run seeded
+    ``seed`` (``generate.sample_images``; the exported sampler, ``inference/export.py``).
+    Python ints or int64 tensors."""
+    return seed * 1_000_003 + offset
 
 
 def _noise(x: tf.Tensor, seed: tf.Tensor, step) -> tf.Tensor:
@@ -55,6 +64,12 @@ def _initial(shape: Optional[Sequence[int]], seed, noise: Optional[tf.Tensor]) -
         return tf.convert_to_tensor(noise)
     if shape is None:
         raise ValueError("shape: give the sample shape [B, ...] or an initial noise tensor")
+    return initial_noise(shape, seed)
+
+
+def initial_noise(shape: Sequence, seed) -> tf.Tensor:
+    """x_T ~ N(0, I) float32 ``shape`` (``[B, ...]``; B may be a tensor), keyed by
+    (seed, -1): what every sampler starts from when it is given no noise."""
     return tf.random.stateless_normal(list(shape), tf.stack([tf.cast(seed, tf.int64),
                                                              tf.constant(-1, tf.int64)]))
 
@@ -181,28 +196,41 @@ def guided_x0_eps(diffusion: GaussianDiffusion, model_out: tf.Tensor, x: tf.Tens
     return x0, eps
 
 
+def ddim_loop(diffusion: GaussianDiffusion, denoise_fn: Callable, x_T: tf.Tensor, seed: tf.Tensor,
+              eta: tf.Tensor, cond_fn: Optional[Callable] = None, clip_denoised: bool = True,
+              return_every: int = 0) -> Output:
+    """The DDIM chain of :func:`ddim_sample` as graph ops, to call inside a ``tf.function``:
+    x_T ``[B, ...]``, ``seed`` int64 and ``eta`` float32 scalars. ``diffusion`` may also be
+    a ``respace.RuntimeRespaced`` (step count and tables are tensors), which is how the
+    exported sampler (``inference/export.py``) runs this same chain."""
+    N = diffusion.num_timesteps
+    sigma_at_eta1 = ddim_sigmas(diffusion, 1.0)
+    if not tf.is_tensor(sigma_at_eta1):
+        sigma_at_eta1 = sigma_at_eta1.astype(np.float32)
+    tmap = diffusion.timestep_map
+    tmap = tmap if tf.is_tensor(tmap) else tf.constant(tmap, tf.int32)
+
+    def step(i, x):
+        index = N - 1 - i
+        t = tf.fill(tf.shape(x)[:1], index)
+        t_original = tf.gather(tmap, t)
+        x0, eps = guided_x0_eps(diffusion, denoise_fn(x, t_original), x, t, t_original,
+                                cond_fn, clip_denoised)
+        ab_prev = diffusion.coef("alphas_cumprod_prev", t, x)
+        sigma = eta * gather_coef(sigma_at_eta1, t, x)  # eq. 16; 0 at the last step
+        direction = tf.sqrt(tf.maximum(1.0 - ab_prev - tf.square(sigma), 0.0)) * eps
+        x_prev = tf.sqrt(ab_prev) * x0 + direction  # eq. 12
+        nonzero = tf.cast(index > 0, tf.float32)  # no noise at the last step
+        return x_prev + nonzero * sigma * _noise(x, seed, index), x0
+
+    return _run_chain(step, x_T, N, return_every)
+
+
 def _ddim_chain(diffusion: GaussianDiffusion, denoise_fn: Callable, cond_fn: Optional[Callable],
                 clip_denoised: bool, return_every: int) -> Callable:
-    N = diffusion.num_timesteps
-    sigma_at_eta1 = ddim_sigmas(diffusion, 1.0).astype(np.float32)
-
     def run(x_T: tf.Tensor, seed: tf.Tensor, eta: tf.Tensor) -> Output:
-        tmap = tf.constant(diffusion.timestep_map, tf.int32)
-
-        def step(i, x):
-            index = N - 1 - i
-            t = tf.fill(tf.shape(x)[:1], index)
-            t_original = tf.gather(tmap, t)
-            x0, eps = guided_x0_eps(diffusion, denoise_fn(x, t_original), x, t, t_original,
-                                    cond_fn, clip_denoised)
-            ab_prev = diffusion.coef("alphas_cumprod_prev", t, x)
-            sigma = eta * gather_coef(sigma_at_eta1, t, x)  # eq. 16; 0 at the last step
-            direction = tf.sqrt(tf.maximum(1.0 - ab_prev - tf.square(sigma), 0.0)) * eps
-            x_prev = tf.sqrt(ab_prev) * x0 + direction  # eq. 12
-            nonzero = tf.cast(index > 0, tf.float32)  # no noise at the last step
-            return x_prev + nonzero * sigma * _noise(x, seed, index), x0
-
-        return _run_chain(step, x_T, N, return_every)
+        return ddim_loop(diffusion, denoise_fn, x_T, seed, eta, cond_fn, clip_denoised,
+                         return_every)
 
     return run
 

@@ -143,7 +143,7 @@ def sample_images(run, num: int, seed: int, sampler: Optional[str] = None,
         if guide is not None:  # a short last batch is padded with repeated labels
             guide.set(np.resize(labels[i:i + batch_size], batch_size), scale)
         x = sampling.sample(run.diffusion, denoise, shape, sampler=sampler, steps=steps,
-                            seed=seed * 1_000_003 + i, **extra)
+                            seed=sampling.batch_seed(seed, i), **extra)
         out.append(np.asarray(x)[: num - i])
         if bar is not None:
             bar.add(len(out[-1]))
