@@ -8,8 +8,8 @@ import os
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "ipu_diffusion")
-LAYERS = [("_keras", "config", "configs", "quiet", "rng"), ("diffusion", "models", "data", "visualize"),
-          ("pipeline",), ("inference",), ("evaluation",), ("training",), ("cli", "__main__")]
+LAYERS = [("_keras", "config", "configs", "quiet", "rng", "progress"), ("diffusion", "models", "data", "visualize"),
+          ("pipeline",), ("inference",), ("evaluation",), ("training",), ("cli", "cli_parser", "__main__")]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
