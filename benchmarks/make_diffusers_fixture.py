@@ -40,23 +40,15 @@ import os
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from torch_cifar_step import UNET_CONFIG  # noqa: E402 (benchmarks/ is on the path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 TIMESTEPS = [[0, 999], [10, 500], [500, 10], [999, 0]]  # [call, example]
 
-# The fields of google/ddpm-cifar10-32's config.json that differ from UNet2DModel's
-# defaults (the rest of that file holds the defaults: no class embedding, conv
-# resampling, one mid attention, "default" time-embedding addition).
-CIFAR10_32_CONFIG = dict(
-    sample_size=32, in_channels=3, out_channels=3, center_input_sample=False,
-    time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(128, 256, 256, 256), layers_per_block=2, mid_block_scale_factor=1,
-    downsample_padding=0, act_fn="silu", attention_head_dim=None, norm_num_groups=32,
-    norm_eps=1e-6,
-)
+# google/ddpm-cifar10-32's config.json, as the PyTorch step benchmark builds it, without
+# the paper's dropout (the hub file has no dropout field)
+CIFAR10_32_CONFIG = {k: v for k, v in UNET_CONFIG.items() if k != "dropout"}
 # google/ddpm-cifar10-32's scheduler_config.json
 CIFAR10_32_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                             beta_schedule="linear", variance_type="fixed_small",
