@@ -41,7 +41,7 @@ FILE_SECONDS = {
     "tests/test_packaging.py": 30,
     "tests/training/test_resume_config.py": 26,
     "tests/test_export.py": 30,  # measured at a load average of 2
-    "tests/test_quiet_start.py": 26,
+    "tests/test_quiet_start.py": 20,
     "tests/training/test_mixed_precision_step.py": 25,
     "tests/benchmarks/test_bench_smoke.py": 22,
     "tests/models/test_models_unet.py": 20,
