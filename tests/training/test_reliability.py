@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 import yaml
 
+from ipu_diffusion.inference import Pipeline
 from ipu_diffusion.training import objective as objective_module
 from ipu_diffusion.training.run import (RunError, build_run, checkpoint_damage,
                                         restore_latest, train)
@@ -116,6 +117,10 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
     with open(data, "r+b") as f:
         f.truncate(os.path.getsize(data) // 2)
     assert "Read less bytes than requested" in checkpoint_damage(prefix)
+    # sample/eval (inference.Pipeline, the EMA alone) fall back the same way
+    pipe = Pipeline.from_workdir(workdir)
+    assert pipe.step == 3 and pipe.restored_from.endswith("ckpt-3")
+    assert "warning: checkpoint " in capsys.readouterr().err
     # what a SIGKILL inside the save of step 9 would leave: never recorded, so never
     # restored; the temporary shard directory is removed at start-up
     os.makedirs(os.path.join(ckpt, "ckpt-9_temp"))
