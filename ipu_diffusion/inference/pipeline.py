@@ -93,7 +93,7 @@ class Pipeline:
         for i, prefix in enumerate(candidates):
             try:
                 reader.read(prefix).assert_existing_objects_matched().expect_partial()
-            except (AssertionError, ValueError, tf.errors.OpError) as e:
+            except (AssertionError, ValueError, IndexError, tf.errors.OpError) as e:
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 if i + 1 == len(candidates):
                     raise WorkdirError(f"{prefix}: cannot restore the EMA weights ({reason})") from None
