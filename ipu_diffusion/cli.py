@@ -86,7 +86,7 @@ def cmd_sample(args) -> int:
         from ipu_diffusion.inference.classifier import load_classifier
 
         classifier = load_classifier(args.classifier)
-    run, step = _restore(args.workdir)
+    run = _restore(args.workdir)
     labels = None
     classes = classifier.num_classes if classifier is not None else run.cfg.model.num_classes
     if args.label is not None:
@@ -99,8 +99,8 @@ def cmd_sample(args) -> int:
     prefix = args.out or os.path.join(args.workdir, f"sample_{args.sampler}{args.steps}{tag}")
     cycled = args.label is None and classes > 0  # labels 0..K-1 cycled: a column per class
     save_image_grid(images, prefix + ".png", ncols=classes if cycled else None)
-    np.savez_compressed(prefix + ".npz", images=images, step=step)
-    print(f"wrote {prefix}.png and {prefix}.npz ({len(images)} images, checkpoint step {step})")
+    np.savez_compressed(prefix + ".npz", images=images, step=run.step)
+    print(f"wrote {prefix}.png and {prefix}.npz ({len(images)} images, checkpoint step {run.step})")
     return 0
 
 
@@ -109,7 +109,7 @@ def cmd_import_diffusers(args) -> int:
 
     imported = read_diffusers_dir(args.model_dir)  # every check before the workdir is touched
     cfg = imported.run_config(args.overrides)
-    from ipu_diffusion.inference.pipeline import CONFIG_FILE
+    from ipu_diffusion.inference.checkpoints import CONFIG_FILE
     from ipu_diffusion.training.pretrained import start_run_from_weights
 
     configure_devices(cfg)
@@ -125,11 +125,11 @@ def cmd_import_diffusers(args) -> int:
 def cmd_export(args) -> int:
     from ipu_diffusion.inference.export import export_saved_model
 
-    pipe, step = _restore(args.workdir)
+    pipe = _restore(args.workdir)
     out = export_saved_model(pipe, args.out or os.path.join(args.workdir, "savedmodel"))
     denoise = "denoise(x_t, t, y)" if pipe.cfg.model.num_classes else "denoise(x_t, t)"
     print(f"wrote {out}: signatures {denoise} and sample(num, steps, seed) of the EMA network "
-          f"at checkpoint step {step}")
+          f"at checkpoint step {pipe.step}")
     return 0
 
 
@@ -150,7 +150,7 @@ def cmd_reconstruct(args) -> int:
     from ipu_diffusion.evaluation.run_eval import merge_metrics, metrics_path
     from ipu_diffusion.inference.control import reconstruct_run
 
-    run, _ = _restore(args.workdir)
+    run = _restore(args.workdir)
     result = reconstruct_run(run, args.num, args.steps, args.seed, args.out or "")
     merge_metrics(args.workdir, {"reconstruct": result})
     print(f"wrote {result['png']}: {result['num']} held-out {result['split']} images over "
@@ -163,7 +163,7 @@ def cmd_reconstruct(args) -> int:
 def cmd_interpolate(args) -> int:
     from ipu_diffusion.inference.control import interpolate_run
 
-    run, _ = _restore(args.workdir)
+    run = _restore(args.workdir)
     result = interpolate_run(run, args.steps, args.frames, args.pair, args.seed, args.out or "")
     i, j = result["pair"]
     print(f"wrote {result['png']}: held-out {result['split']} images {i} and {j}, "
@@ -174,16 +174,15 @@ def cmd_interpolate(args) -> int:
 
 
 def _restore(workdir: str, overrides: Sequence[str] = ()):
-    """The run's EMA model (``inference.Pipeline``) and its checkpoint step."""
+    """The run's EMA model (``inference.Pipeline``)."""
     from ipu_diffusion.inference import Pipeline
 
-    pipe = Pipeline.from_workdir(workdir, overrides)
-    return pipe, pipe.step
+    return Pipeline.from_workdir(workdir, overrides)
 
 
 def cmd_eval(args) -> int:
     overrides = [f"eval.inception_path={args.inception}"] if args.inception else []
-    run, _ = _restore(args.workdir, overrides)
+    run = _restore(args.workdir, overrides)
     from ipu_diffusion.evaluation.run_eval import evaluate_run, metrics_path
     from ipu_diffusion.training.report import eval_summary
 
@@ -267,7 +266,7 @@ def main(argv: Optional[List[str]] = None, quiet_start: Optional[bool] = None) -
 # the modules already imported, so an early config error does not wait for TensorFlow.
 USAGE_ERRORS = (("ipu_diffusion.config", "ConfigError"), ("ipu_diffusion.data.common", "DataError"),
                 ("ipu_diffusion.diffusion.guidance", "GuidanceError"),
-                ("ipu_diffusion.inference.pipeline", "WorkdirError"),
+                ("ipu_diffusion.inference.checkpoints", "WorkdirError"),
                 ("ipu_diffusion.training.run", "RunError"))
 
 

@@ -22,7 +22,8 @@ from ipu_diffusion.config import save_config
 from ipu_diffusion.inference import Pipeline
 from ipu_diffusion.inference.export import INFO_FILE
 from ipu_diffusion.inference.generate import conditional_fn_for, ema_unet, sample_images
-from ipu_diffusion.inference.pipeline import CHECKPOINT_DIR, CONFIG_FILE, EMAWeights
+from ipu_diffusion.inference.checkpoints import CHECKPOINT_DIR, CONFIG_FILE
+from ipu_diffusion.inference.pipeline import EMAWeights
 from ipu_diffusion.models.unet import build_unet
 from ipu_diffusion.visualize import to_uint8
 from tests.training.test_train_e2e import _cfg

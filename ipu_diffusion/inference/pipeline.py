@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from ipu_diffusion.config import RunConfig, load_config
 from ipu_diffusion.diffusion.gaussian import GaussianDiffusion
-
-CONFIG_FILE = "config.yaml"
-CHECKPOINT_DIR = "checkpoints"
-
-
-class WorkdirError(ValueError):
-    """A run directory that cannot be used as asked; the message names the path."""
+from ipu_diffusion.inference.checkpoints import (CHECKPOINT_DIR, CONFIG_FILE, WorkdirError,
+                                                 checkpoint_step, no_checkpoint_error,
+                                                 recorded_checkpoints, restore_newest)
 
 
 class EMAWeights(tf.Module):
@@ -45,23 +41,6 @@ class EMAWeights(tf.Module):
             v.assign(tf.cast(s, v.dtype))
 
 
-def recorded_checkpoints(workdir: str) -> List[str]:
-    """The checkpoints ``checkpoints/checkpoint`` records, newest first (a save cut short
-    is never recorded)."""
-    state = tf.train.get_checkpoint_state(os.path.join(workdir, CHECKPOINT_DIR))
-    if state is None:
-        return []
-    paths = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
-    if state.model_checkpoint_path in paths:
-        paths.remove(state.model_checkpoint_path)
-    return [state.model_checkpoint_path] + list(reversed(paths))
-
-
-def checkpoint_step(prefix: str) -> int:
-    """The step of ``.../ckpt-<step>`` (checkpoints are numbered by their step)."""
-    return int(prefix.rsplit("-", 1)[1])
-
-
 class Pipeline:
     """A model source restored from a run directory, with sampling and DDIM control."""
 
@@ -75,7 +54,7 @@ class Pipeline:
     @classmethod
     def from_workdir(cls, workdir: str, overrides: Sequence[str] = ()) -> "Pipeline":
         """The newest recorded checkpoint's EMA weights; a damaged one is skipped with a
-        warning for the one before it."""
+        warning for the one before it (``checkpoints.restore_newest``, as training's resume)."""
         from ipu_diffusion.models.unet import build_unet
 
         path = os.path.join(workdir, CONFIG_FILE)
@@ -85,23 +64,14 @@ class Pipeline:
         cfg = load_config(path, overrides)
         candidates = recorded_checkpoints(workdir)
         if not candidates:
-            raise WorkdirError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}; train "
-                               "first: python -m ipu_diffusion train --config FILE --workdir DIR")
+            raise no_checkpoint_error(os.path.join(workdir, CHECKPOINT_DIR))
         unet = build_unet(cfg.model)
         ema = EMAWeights(unet.trainable_variables)
         reader = tf.train.Checkpoint(ema=ema)
-        for i, prefix in enumerate(candidates):
-            try:
-                reader.read(prefix).assert_existing_objects_matched().expect_partial()
-            except (AssertionError, ValueError, IndexError, tf.errors.OpError) as e:
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                if i + 1 == len(candidates):
-                    raise WorkdirError(f"{prefix}: cannot restore the EMA weights ({reason})") from None
-                print(f"warning: checkpoint {prefix} cannot be restored ({reason}); falling back "
-                      f"to {candidates[i + 1]}", file=sys.stderr)
-                continue
-            return cls(cfg, workdir, unet, ema, checkpoint_step(prefix), prefix)
-        raise AssertionError("unreachable")  # pragma: no cover
+        prefix = restore_newest(
+            candidates, lambda p: reader.read(p).assert_existing_objects_matched().expect_partial(),
+            os.path.join(workdir, CHECKPOINT_DIR), lambda message: print(message, file=sys.stderr))
+        return cls(cfg, workdir, unet, ema, checkpoint_step(prefix), prefix)
 
     def sample(self, n: int, sampler: Optional[str] = None, steps: Optional[int] = None,
                seed: int = 0, eta: Optional[float] = None, **kwargs) -> np.ndarray:

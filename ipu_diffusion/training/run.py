@@ -13,7 +13,8 @@ import tensorflow as tf
 
 from ipu_diffusion._keras import keras
 from ipu_diffusion.config import ConfigError, RunConfig, load_config, resume_conflicts, save_config
-from ipu_diffusion.inference.pipeline import CHECKPOINT_DIR, CONFIG_FILE
+from ipu_diffusion.inference import checkpoints as ckpts
+from ipu_diffusion.inference.checkpoints import CHECKPOINT_DIR, CONFIG_FILE
 from ipu_diffusion.training import callbacks as cb
 from ipu_diffusion.training import multi_worker as mw
 from ipu_diffusion.training.objective import DiffusionObjective
@@ -170,53 +171,25 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def checkpoint_damage(prefix: str) -> Optional[str]:
-    """None when every tensor of the checkpoint at ``prefix`` reads back (the reader
-    checks each tensor's CRC); otherwise what is wrong, in one line."""
-    try:
-        reader = tf.train.load_checkpoint(prefix)
-        for key in reader.get_variable_to_shape_map():
-            reader.get_tensor(key)
-    except (tf.errors.OpError, IndexError, ValueError) as e:
-        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-    return None
-
-
 def restore_latest(run: Run, required: bool, log=_log) -> int:
-    """Restore the newest complete checkpoint; returns its step (0 when there is none).
-
-    The manager only records a checkpoint after its files are written, so a killed save
-    is never "latest". A recorded checkpoint whose files are damaged anyway (a truncated
-    or corrupted file, a lost write after a power failure) is skipped with a warning and
-    the previous recorded one is restored; a complete checkpoint that does not fit this
-    model is an error.
-    """
+    """Restore the newest recorded checkpoint whose files read back, falling back past
+    damaged ones (``inference.checkpoints.restore_newest``); returns its step (0 when
+    there is none). A complete checkpoint that does not fit this model is an error."""
     directory = os.path.join(run.workdir, CHECKPOINT_DIR)
-    latest = run.manager.latest_checkpoint
-    candidates = [latest] if latest else []
-    candidates += [p for p in reversed(run.manager.checkpoints) if p not in candidates]
+    candidates = ckpts.newest_first(run.manager.latest_checkpoint, run.manager.checkpoints)
     if not candidates:
         if required:
-            raise RunError(f"no checkpoint in {directory}; "
-                           "train first: python -m ipu_diffusion train --config FILE --workdir DIR")
+            raise RunError(str(ckpts.no_checkpoint_error(directory)))
         return 0
-    damaged = []
-    for i, prefix in enumerate(candidates):
-        try:
-            run.checkpoint.restore(prefix).assert_existing_objects_matched()
-            run.restored_from = prefix
-            return run.step
-        except (AssertionError, ValueError, IndexError, tf.errors.OpError) as e:
-            damage = checkpoint_damage(prefix)
-            if damage is None:  # the files are fine: they hold another model
-                raise RunError(f"checkpoint {prefix} does not fit this config (different model?): "
-                               f"{str(e).splitlines()[0]}") from None
-        damaged.append(os.path.basename(prefix))
-        following = candidates[i + 1] if i + 1 < len(candidates) else None
-        log(f"warning: checkpoint {prefix} is damaged ({damage}); "
-            + (f"falling back to {following}" if following else "no older checkpoint is recorded"))
-    raise RunError(f"every recorded checkpoint in {directory} is damaged ({', '.join(damaged)}); "
-                   "restore it from a backup or start a new run in another --workdir")
+
+    def restore(prefix: str) -> None:
+        run.checkpoint.restore(prefix).assert_existing_objects_matched()
+
+    try:
+        run.restored_from = ckpts.restore_newest(candidates, restore, directory, log)
+    except ckpts.WorkdirError as e:
+        raise RunError(str(e)) from None
+    return run.step
 
 
 def checkpoint_bytes(run: Run) -> int:

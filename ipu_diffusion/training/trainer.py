@@ -359,8 +359,3 @@ def build_optimizer_state(trainer: DiffusionTrainer) -> None:
         inner._create_all_weights(variables)  # noqa: SLF001 (no public equivalent there)
     else:  # Keras 3, and Keras 2's newer optimizer (tf_keras.optimizers.Adam)
         inner.build(variables)
-
-
-def ema_weights_into(trainer: DiffusionTrainer, target_unet) -> None:
-    """Copy the EMA weights into ``target_unet`` (same architecture) for sampling."""
-    trainer.ema.copy_to(target_unet.trainable_variables)

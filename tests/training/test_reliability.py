@@ -17,8 +17,8 @@ import yaml
 
 from ipu_diffusion.inference import Pipeline
 from ipu_diffusion.training import objective as objective_module
-from ipu_diffusion.training.run import (RunError, build_run, checkpoint_damage,
-                                        restore_latest, train)
+from ipu_diffusion.inference.checkpoints import checkpoint_damage
+from ipu_diffusion.training.run import RunError, build_run, restore_latest, train
 from tests.training.test_train_e2e import ARTEFACTS, TINY, _cfg
 
 pytestmark = pytest.mark.slow

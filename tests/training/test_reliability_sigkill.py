@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ipu_diffusion.training.run import checkpoint_damage
+from ipu_diffusion.inference.checkpoints import checkpoint_damage
 from tests.training.test_reliability import ROOT, _ckpt_step, _committed, _final_tensors
 from tests.training.test_train_e2e import TINY
 
