@@ -52,9 +52,11 @@ class Pipeline:
         self._ema_unet = unet  # what inference.generate.ema_unet copies the EMA weights into
 
     @classmethod
-    def from_workdir(cls, workdir: str, overrides: Sequence[str] = ()) -> "Pipeline":
+    def from_workdir(cls, workdir: str, overrides: Sequence[str] = (),
+                     step: Optional[int] = None) -> "Pipeline":
         """The newest recorded checkpoint's EMA weights; a damaged one is skipped with a
-        warning for the one before it (``checkpoints.restore_newest``, as training's resume)."""
+        warning for the one before it (``checkpoints.restore_newest``, as training's resume).
+        ``step``: that recorded checkpoint instead, and no other."""
         from ipu_diffusion.models.unet import build_unet
 
         path = os.path.join(workdir, CONFIG_FILE)
@@ -65,6 +67,12 @@ class Pipeline:
         candidates = recorded_checkpoints(workdir)
         if not candidates:
             raise no_checkpoint_error(os.path.join(workdir, CHECKPOINT_DIR))
+        if step is not None:
+            steps = sorted(checkpoint_step(p) for p in candidates)
+            candidates = [p for p in candidates if checkpoint_step(p) == step]
+            if not candidates:
+                raise WorkdirError(f"{os.path.join(workdir, CHECKPOINT_DIR)}: no checkpoint of "
+                                   f"step {step}; recorded steps: {steps}")
         unet = build_unet(cfg.model)
         ema = EMAWeights(unet.trainable_variables)
         reader = tf.train.Checkpoint(ema=ema)

@@ -167,5 +167,13 @@ def test_pipeline_from_workdir_restores_the_ema_weights_alone(six_steps, tmp_pat
     latents = pipe.encode(pipe.sample(2, steps=4), steps=4)
     assert latents.shape == (2, 8, 8, 1) and np.isfinite(latents).all()
     assert pipe.decode(latents, steps=4).shape == (2, 8, 8, 1)
+    older = Pipeline.from_workdir(workdir, step=3)  # an older recorded checkpoint, on request
+    assert older.step == 3 and older.restored_from.endswith("ckpt-3")
+    np.testing.assert_array_equal(
+        older.ema.shadow[0].numpy(),
+        tf.train.load_variable(older.restored_from, "ema/shadow/0/.ATTRIBUTES/VARIABLE_VALUE"))
+    assert not np.array_equal(older.ema.shadow[0].numpy(), pipe.ema.shadow[0].numpy())
+    with pytest.raises(WorkdirError, match=r"no checkpoint of step 4; recorded steps: \[3, 6\]"):
+        Pipeline.from_workdir(workdir, step=4)
     with pytest.raises(WorkdirError, match="no config.yaml"):
         Pipeline.from_workdir(str(tmp_path))
