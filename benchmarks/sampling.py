@@ -11,6 +11,11 @@ same ``denoise_fn`` under ``tf.function`` at the same batch. All are measured in
 interleaved rounds; a short chain is called several times per sample so every sample
 takes a comparable time. ``overhead`` = (chain seconds / steps) / forward seconds - 1.
 The network is untrained (sampling cost does not depend on the weights).
+
+``precision``: the same DDIM chain at ``eval.batch_size`` (250) with the network in float32
+and in bfloat16 (``eval.precision`` / ``sample --precision bfloat16``), interleaved;
+``bf16_speedup`` = float32 seconds / bfloat16 seconds per round. What bfloat16 does to
+sample quality is measured on a trained run by ``digits_recipe.py --samplers ddim50_bf16``.
 Writes ``results/sampling.json`` and ``results/sampling.png``.
 """
 from __future__ import annotations
@@ -22,14 +27,20 @@ import benchlib as bl
 import tensorflow as tf
 
 
-def make_fns(cfg, batch: int, chains: Dict[str, tuple]):
-    """``{name: zero-arg callable}`` for the forward pass and each ``(sampler, steps)`` chain."""
+def make_fns(cfg, batch: int, chains: Dict[str, tuple], policy: str = "float32"):
+    """``{name: zero-arg callable}`` for the forward pass and each ``(sampler, steps)``
+    chain, the network built under the Keras dtype ``policy``."""
+    from ipu_diffusion._keras import keras
     from ipu_diffusion.diffusion import sampling
     from ipu_diffusion.models.unet import build_unet
     from ipu_diffusion.inference.generate import denoise_fn_for
     from ipu_diffusion.diffusion.gaussian import GaussianDiffusion
 
-    unet = build_unet(cfg.model, zero_init=False)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        unet = build_unet(cfg.model, zero_init=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     denoise = denoise_fn_for(unet)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     m = cfg.model
@@ -85,6 +96,22 @@ def measure(cfg, batch: int, ddim_steps, rounds: int, target_s: float = 1.0, log
             "calls_per_sample": {k: v[1] for k, v in plan.items()}}
 
 
+def precision_rows(cfg, steps: int, rounds: int, log=None) -> Dict[str, object]:
+    """DDIM-``steps`` at the eval batch, network in float32 vs bfloat16, interleaved."""
+    batch = cfg.eval.batch_size
+    name = f"ddim{steps}"
+    fns = {p: make_fns(cfg, batch, {name: ("ddim", steps)}, policy)[name]
+           for p, policy in (("float32", "float32"), ("bfloat16", "mixed_bfloat16"))}
+    secs = bl.interleaved(fns, rounds, log=log)
+    out = {"batch": batch, "chain": name,
+           "img_per_s": {p: bl.summary([batch / v for v in s]) for p, s in secs.items()},
+           "bf16_speedup": bl.summary([a / b for a, b in zip(secs["float32"], secs["bfloat16"])])}
+    if log:
+        log(f"  {name} at batch {batch}: bfloat16 x{out['bf16_speedup']['median']:.2f} "
+            f"float32's rate (spread {out['bf16_speedup']['spread']:.0%})")
+    return out
+
+
 def main() -> Dict[str, object]:
     full = bl.full_mode()
     cfg = bl.load("digits")
@@ -93,8 +120,10 @@ def main() -> Dict[str, object]:
     bl.log(f"sampling: digits, batch {batch}, load {os.getloadavg()[0]:.2f}")
     res = measure(cfg, batch, (100, 50, 20, 10) if full else (50, 10), rounds=5 if full else 3,
                   target_s=2.0 if full else 0.5, log=bl.log)
+    res["precision"] = precision_rows(cfg, 50 if full else 10, rounds=5 if full else 3,
+                                      log=bl.log)
     env["loadavg_end"] = list(os.getloadavg())
-    payload = {"benchmark": "sampling", "environment": env, "precision": "float32", **res}
+    payload = {"benchmark": "sampling", "environment": env, **res}
     bl.write_json("sampling", payload)
     rows = res["rows"]
     bl.bar_chart(bl.chart_path("sampling"), [r["name"] for r in rows],

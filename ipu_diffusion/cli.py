@@ -86,7 +86,7 @@ def cmd_sample(args) -> int:
         from ipu_diffusion.inference.classifier import load_classifier
 
         classifier = load_classifier(args.classifier)
-    run = _restore(args.workdir)
+    run = _restore(args.workdir, args=args)
     labels = None
     classes = classifier.num_classes if classifier is not None else run.cfg.model.num_classes
     if args.label is not None:
@@ -173,16 +173,22 @@ def cmd_interpolate(args) -> int:
     return 0
 
 
-def _restore(workdir: str, overrides: Sequence[str] = ()):
-    """The run's EMA model (``inference.Pipeline``)."""
+def _restore(workdir: str, overrides: Sequence[str] = (), args=None):
+    """The run's EMA model (``inference.Pipeline``); ``args``: the checkpoint and
+    precision flags of sample and eval."""
     from ipu_diffusion.inference import Pipeline
 
-    return Pipeline.from_workdir(workdir, overrides)
+    step = None
+    if args is not None:
+        step = args.checkpoint_step
+        if args.precision:
+            overrides = list(overrides) + [f"eval.precision={args.precision}"]
+    return Pipeline.from_workdir(workdir, overrides, step=step)
 
 
 def cmd_eval(args) -> int:
     overrides = [f"eval.inception_path={args.inception}"] if args.inception else []
-    run = _restore(args.workdir, overrides)
+    run = _restore(args.workdir, overrides, args)
     from ipu_diffusion.evaluation.run_eval import evaluate_run, metrics_path
     from ipu_diffusion.training.report import eval_summary
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ipu_diffusion.config import SAMPLERS
+from ipu_diffusion.config import SAMPLERS, SAMPLING_PRECISIONS
 from ipu_diffusion.configs import builtin_names
 
 VERBOSE_HELP = ("show TensorFlow's C++ start-up log lines (oneDNN, CUDA, absl), hidden by "
@@ -46,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--out", help="output prefix (default: <workdir>/sample_<sampler><steps>)")
     _guidance_flags(s)
+    _model_flags(s)
 
     x = sub.add_parser("export", help="write a TensorFlow SavedModel of a trained run's EMA "
                        "network (signatures denoise and sample) that loads without this package")
@@ -65,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="sampling seed")
     e.add_argument("--bpd", type=int, default=0, metavar="N",
                    help="also compute bits/dim on N held-out images (all timesteps)")
+    _model_flags(e)
     e.add_argument("--inception", default=None,
                    help="FID Inception graph (.pb) for non-digits data; or set "
                    "$IPU_DIFFUSION_INCEPTION")
@@ -91,6 +93,15 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                              help=VERBOSE_HELP)
     return p
+
+
+def _model_flags(p) -> None:
+    """Which checkpoint and in what precision: sample and eval."""
+    p.add_argument("--checkpoint-step", type=int, default=None, metavar="N",
+                   help="the recorded checkpoint of step N (default: the newest)")
+    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default=None,
+                   help="the network's arithmetic (default: eval.precision); bfloat16 is "
+                   "faster on CPUs with AVX512-BF16/AMX, its samples are not float32's")
 
 
 def _guidance_flags(s: argparse.ArgumentParser) -> None:

@@ -42,6 +42,7 @@ VAR_TYPES: Tuple[str, ...] = ("fixed_small", "fixed_large", "learned_range")
 LOSS_TYPES: Tuple[str, ...] = ("mse", "l1", "hybrid", "kl")
 TIMESTEP_SAMPLERS: Tuple[str, ...] = ("uniform", "loss_aware")
 SAMPLERS: Tuple[str, ...] = ("ddpm", "ddim", "dpm_solver")  # image samplers (eval, sample)
+SAMPLING_PRECISIONS: Tuple[str, ...] = ("float32", "bfloat16")  # the network's, when sampling
 PIPELINE_SCHEDULES: Tuple[str, ...] = ("grouped", "interleaved", "sequential")
 
 
@@ -170,6 +171,10 @@ class EvalSection:
     sampler: Literal[SAMPLERS] = "ddim"
     steps: int = 50
     eta: float = 0.0
+    # bfloat16: the sampling network computes in bfloat16 (weights kept in float32, the
+    # sampler's own arithmetic in float32); faster on CPUs with AVX512-BF16 or AMX, and
+    # no longer the float32 samples bit for bit
+    precision: Literal[SAMPLING_PRECISIONS] = "float32"
     num_samples: int = 1000
     batch_size: int = 250
     inception_path: str = ""  # frozen FID Inception graph (.pb); or $IPU_DIFFUSION_INCEPTION

@@ -107,6 +107,7 @@ def evaluate_run(run, num_samples: int, sampler: str, steps: int, eta: float, se
     sample_time = time.time() - began
     result: Dict[str, Any] = {"checkpoint_step": run.step, "sampler": sampler, "steps": steps,
                               "eta": eta if sampler == "ddim" else None,
+                              "sampling_precision": run.cfg.eval.precision,
                               "num_samples": num_samples,
                               "sampling_img_per_s": round(num_samples / sample_time, 2)}
     result.update(_quality(run, images, verbose))

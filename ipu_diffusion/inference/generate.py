@@ -16,15 +16,29 @@ from ipu_diffusion.progress import Progress
 def ema_unet(source):
     """A U-Net holding the model source's EMA weights (built once unless the source
     brings one, refreshed every call: a training run's EMA moves), and its denoise
-    function (one closure, so the compiled sampler is traced once)."""
-    from ipu_diffusion.models.unet import build_unet
-
+    function (one closure, so the compiled sampler is traced once). It computes in
+    ``eval.precision``, whatever precision the run trained in."""
     if getattr(source, "_ema_denoise", None) is None:
         if getattr(source, "_ema_unet", None) is None:
-            source._ema_unet = build_unet(source.cfg.model)
+            source._ema_unet = build_sampling_unet(source.cfg)
         source._ema_denoise = denoise_fn_for(source._ema_unet)
     source.ema.copy_to(source._ema_unet.trainable_variables)
     return source._ema_unet, source._ema_denoise
+
+
+def build_sampling_unet(cfg):
+    """``build_unet(cfg.model)`` under the Keras dtype policy of ``eval.precision``
+    (float32 variables either way; the process's global policy is left as it was)."""
+    from ipu_diffusion._keras import keras
+    from ipu_diffusion.models.unet import build_unet
+
+    mp = keras.mixed_precision
+    before = mp.global_policy()
+    mp.set_global_policy("mixed_bfloat16" if cfg.eval.precision == "bfloat16" else "float32")
+    try:
+        return build_unet(cfg.model)
+    finally:
+        mp.set_global_policy(before)
 
 
 def denoise_fn_for(unet, labels: Optional[tf.Tensor] = None) -> Callable:

@@ -57,7 +57,7 @@ class Pipeline:
         """The newest recorded checkpoint's EMA weights; a damaged one is skipped with a
         warning for the one before it (``checkpoints.restore_newest``, as training's resume).
         ``step``: that recorded checkpoint instead, and no other."""
-        from ipu_diffusion.models.unet import build_unet
+        from ipu_diffusion.inference.generate import build_sampling_unet
 
         path = os.path.join(workdir, CONFIG_FILE)
         if not os.path.isfile(path):
@@ -73,7 +73,7 @@ class Pipeline:
             if not candidates:
                 raise WorkdirError(f"{os.path.join(workdir, CHECKPOINT_DIR)}: no checkpoint of "
                                    f"step {step}; recorded steps: {steps}")
-        unet = build_unet(cfg.model)
+        unet = build_sampling_unet(cfg)
         ema = EMAWeights(unet.trainable_variables)
         reader = tf.train.Checkpoint(ema=ema)
         prefix = restore_newest(

@@ -109,7 +109,8 @@ def scores_text(result: Dict[str, Any]) -> str:
 
 
 def _samples_text(result: Dict[str, Any]) -> str:
-    return (f"{result.get('num_samples', 0):,} {result.get('sampler', '')}-"
+    bf16 = " bfloat16" if result.get("sampling_precision") == "bfloat16" else ""
+    return (f"{result.get('num_samples', 0):,}{bf16} {result.get('sampler', '')}-"
             f"{result.get('steps', '')} samples, {result.get('feature_net')}")
 
 

@@ -64,6 +64,9 @@ def test_sampling_tiny():
     res = sampling.measure(bl.load("digits", TINY), 2, (2,), rounds=1, target_s=0.0)
     assert [r["name"] for r in res["rows"]] == ["ddpm4", "ddim2"]
     assert all(math.isfinite(r["overhead_vs_forward"]["median"]) for r in res["rows"])
+    prec = sampling.precision_rows(bl.load("digits", TINY + ["eval.batch_size=2"]), 2, rounds=1)
+    assert sorted(prec["img_per_s"]) == ["bfloat16", "float32"] and prec["batch"] == 2
+    assert math.isfinite(prec["bf16_speedup"]["median"])
 
 
 def test_targets_and_chart_without_results(tmp_path):

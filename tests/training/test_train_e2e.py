@@ -146,6 +146,38 @@ def test_commands_say_in_one_line_what_they_wrote(six_steps, tmp_path, capsys):
     assert os.path.join(workdir, "metrics.json") in said["eval"]
 
 
+def test_bfloat16_sampling_of_an_older_checkpoint(six_steps, tmp_path, capsys):
+    """``--precision bfloat16 --checkpoint-step 3``: the network computes in bfloat16 on
+    ckpt-3's float32 EMA weights; its output is the float32 network's to bfloat16
+    rounding, and the images are close to, not equal to, the float32 ones."""
+    from ipu_diffusion import cli
+    from ipu_diffusion.inference import Pipeline
+    from ipu_diffusion.inference.generate import ema_unet
+
+    workdir, _ = six_steps
+    fp32 = Pipeline.from_workdir(workdir, step=3)
+    bf16 = Pipeline.from_workdir(workdir, ["eval.precision=bfloat16"], step=3)
+    (net32, denoise32), (net16, denoise16) = ema_unet(fp32), ema_unet(bf16)
+    assert net16.layers["in_conv"].compute_dtype == "bfloat16"
+    assert {tf.as_dtype(v.dtype).name for v in net16.trainable_variables} == {"float32"}
+    x = tf.random.stateless_normal([4, 8, 8, 1], seed=[1, 2])
+    t = tf.constant([0, 10, 50, 99])
+    want, got = denoise32(x, t).numpy(), denoise16(x, t).numpy()
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()  # 8-bit mantissas
+    images32, images16 = fp32.sample(4, steps=3, seed=1), bf16.sample(4, steps=3, seed=1)
+    assert 0 < np.abs(images16 - images32).mean() < 0.05
+    prefix = str(tmp_path / "bf16")
+    assert cli.main(["eval", "--workdir", workdir, "--num-samples", "8", "--steps", "3",
+                     "--precision", "bfloat16", "--checkpoint-step", "3", "--out", prefix]) == 0
+    assert "8 bfloat16 ddim-3 samples" in capsys.readouterr().out
+    with open(prefix + ".json") as f:
+        scores = json.load(f)
+    assert (scores["sampling_precision"], scores["checkpoint_step"]) == ("bfloat16", 3)
+    assert cli.main(["sample", "--workdir", workdir, "--checkpoint-step", "4"]) == 2
+    assert "no checkpoint of step 4" in capsys.readouterr().err
+
+
 def test_pipeline_from_workdir_restores_the_ema_weights_alone(six_steps, tmp_path):
     """``inference.Pipeline`` reads only the EMA shadow and the step of the newest
     checkpoint: its weights are the checkpoint's tensors, and it samples what the full
