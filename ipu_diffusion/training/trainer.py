@@ -77,6 +77,30 @@ class FusedAdam(keras.optimizers.Adam):
         def update_step(self, gradient, variable):
             self._fused_update(gradient, variable, self.learning_rate)
 
+    _reduced = False
+
+    def apply_reduced(self, grads_and_vars) -> None:
+        """``apply_gradients`` (in replica context) of gradients every replica already
+        holds summed over all replicas: the trainer reduces them itself, to clip by the
+        global norm, so the optimizer must not all-reduce them a second time."""
+        if not IS_KERAS3:
+            self.apply_gradients(grads_and_vars, skip_gradients_aggregation=True)
+            return
+        self._reduced = True  # read while the step is traced
+        try:
+            self.apply_gradients(grads_and_vars)
+        finally:
+            self._reduced = False
+
+    if IS_KERAS3:
+        def _all_reduce_sum_gradients(self, grads_and_vars):
+            # keras/src/backend/tensorflow/optimizer.py: the one place Keras 3 sums
+            # gradients over replicas, with no public switch (tf_keras has
+            # skip_gradients_aggregation)
+            if self._reduced:
+                return list(grads_and_vars)
+            return super()._all_reduce_sum_gradients(grads_and_vars)
+
 
 def _handle(variable):
     """The resource handle of a tf.Variable or of a Keras 3 variable wrapping one."""
@@ -286,8 +310,8 @@ class DiffusionTrainer(keras.Model):
         ctx = tf.distribute.get_replica_context()
         replicas = self.distribute_strategy.num_replicas_in_sync
         if replicas > 1:
-            # Clip by the norm of the *global* gradient: reduce first. The optimizer sums
-            # over replicas once more, so hand it 1/R of the reduced gradient.
+            # Clip by the norm of the *global* gradient: reduce first (once; the
+            # optimizer applies the reduced gradients as they are: apply_reduced).
             loss, *grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss] + grads)
         variables = self.unet.trainable_variables
         gnorm = tf.linalg.global_norm(grads)
@@ -297,8 +321,6 @@ class DiffusionTrainer(keras.Model):
         if self.loss_scale is not None:
             overflow = self.loss_scale.update(loss_finite, grads_finite)
         grads = clip_gradients(grads, self.train_cfg.grad_clip, gnorm)
-        if replicas > 1:
-            grads = [g / replicas for g in grads]
         lr = self.optimizer.learning_rate
         lr = lr(self.optimizer.iterations) if callable(lr) else lr
         self._apply_if_finite(grads, variables, finite)
@@ -331,7 +353,7 @@ class DiffusionTrainer(keras.Model):
         def cross_replica(strategy, grads, finite):
             def apply():
                 strategy.extended.call_for_each_replica(
-                    lambda g: opt.apply_gradients(zip(g, variables)), args=(grads,))
+                    lambda g: opt.apply_reduced(zip(g, variables)), args=(grads,))
 
             def skip():
                 opt.iterations.assign_add(1)

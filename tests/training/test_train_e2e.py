@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from ipu_diffusion.config import config_from_dict
+from ipu_diffusion.models.unet import build_unet
 from ipu_diffusion.training.run import RunError, build_run, restore_latest, train
 
 pytestmark = pytest.mark.slow
@@ -80,10 +81,32 @@ def test_resume_gives_the_same_weights(six_steps, tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
-def test_mirrored_two_replicas_equal_one_device(two_steps, tmp_path):
+class _CountingReduction(tf.distribute.ReductionToOneDevice):
+    """Counts the elements of every cross-replica reduction (at tracing; a batch
+    reduction is one ``reduce_implementation`` per tensor here)."""
+
+    elements = 0
+
+    def reduce_implementation(self, reduce_op, per_replica_value, destinations, options):
+        _CountingReduction.elements += int(np.prod(per_replica_value.values[0].shape))
+        return super().reduce_implementation(reduce_op, per_replica_value, destinations, options)
+
+
+def test_mirrored_two_replicas_equal_one_device(two_steps, tmp_path, monkeypatch):
+    """...and the gradients cross the replicas once per step: the trainer's all-reduce
+    (to clip by the global norm) is the only one; the optimizer applies its result."""
+    class Mirrored(tf.distribute.MirroredStrategy):
+        def __init__(self, devices):
+            super().__init__(devices, cross_device_ops=_CountingReduction())
+
+    monkeypatch.setattr(tf.distribute, "MirroredStrategy", Mirrored)
     one_dir, one = two_steps
+    _CountingReduction.elements = 0
     two = train(_cfg("training.steps=2", "training.strategy=mirrored",
                      "training.num_replicas=2"), str(tmp_path / "two"), verbose=0)
+    params = sum(int(np.prod(v.shape)) for v in build_unet(_cfg().model).trainable_variables)
+    # one step traced: the gradients once, plus a few scalars (loss, logged metrics)
+    assert params <= _CountingReduction.elements < params + 100, (_CountingReduction.elements, params)
     assert one["steps"] == two["steps"] == 2
     # Loss and global gradient norm are scale-sensitive (Adam's update is not): they
     # catch a gradient summed or averaged the wrong way across replicas.
