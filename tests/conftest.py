@@ -4,22 +4,28 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
-
 NUM_LOGICAL_CPUS = 4
 
-# Grappler's graph rewrites (constant folding, layout, op fusion) take about a quarter of
-# a tiny training run's time and change no value these tests check. The runs the tests
-# start as subprocesses (the CLI, multi-worker, SIGKILL, packaging) keep them on, as
-# users run.
-tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
-_cpus = tf.config.list_physical_devices("CPU")
-try:
-    tf.config.set_logical_device_configuration(
-        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS)
-except RuntimeError:  # already initialised by an earlier import
-    pass
+def pytest_configure(config):
+    """TensorFlow set-up in every process that runs tests; not in pytest-xdist's
+    controller, which runs none (importing TensorFlow there would delay the workers'
+    start by its import time, ~5 s)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    import tensorflow as tf
+
+    # Grappler's graph rewrites (constant folding, layout, op fusion) take about a quarter
+    # of a tiny training run's time and change no value these tests check. The runs the
+    # tests start as subprocesses (the CLI, multi-worker, SIGKILL, packaging) keep them
+    # on, as users run.
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS)
+    except RuntimeError:  # already initialised by an earlier import
+        pass
 
 
 # Seconds each of the slowest files takes on 2 idle cores (measured; a stale figure only
