@@ -13,10 +13,10 @@ SET_FLAGS := $(foreach s,$(SET),--set $(s))
 VERBOSE_FLAG := $(if $(VERBOSE),--verbose,)
 # Tests and benchmarks: TensorFlow's C++ info and warning lines off, errors kept. The CLI
 # targets (train, sample, train-ipu) leave it to the CLI's quiet start.
-test test-keras3 test-keras2 lint soak bench bench-diffusers bench-torch: export TF_CPP_MIN_LOG_LEVEL ?= 2
+test test-keras3 test-keras2 lint soak bench bench-diffusers bench-torch bench-recipes: export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: setup test test-keras3 test-keras2 lint soak train sample train-ipu bench bench-diffusers \
-	bench-torch
+	bench-torch bench-recipes
 
 # requirements.txt first, then the project itself, editable (pyproject.toml; the
 # ipu-diffusion command in .venv/bin). No build isolation: the venv's setuptools builds it,
@@ -109,3 +109,14 @@ TORCH_BENCH_ARGS ?=
 bench-torch: $(TORCH_STAMP)
 	$(TORCH_VENV)/bin/python benchmarks/torch_cifar_step.py --precision fp32 bf16 \
 		--out $(TORCH_BENCH_OUT) $(TORCH_BENCH_ARGS)
+
+# The digits recipe experiment: each recipe trained in the time of RECIPE_BUDGET default
+# steps (make train's 3,000 by default) and scored like make train, with its checkpoints at
+# 1/3 and 2/3 (benchmarks/digits_recipe.py; ~9 min per recipe and seed on 2 idle cores).
+# RECIPES=default,minsnr5 SEEDS=0,1,2 narrow it; results/digits_recipe.json + .png.
+RECIPES ?=
+SEEDS ?= 0
+RECIPE_BUDGET ?= 3000
+bench-recipes: $(STAMP)
+	$(PYTHON) benchmarks/digits_recipe.py --budget-steps $(RECIPE_BUDGET) --seeds $(SEEDS) \
+		$(if $(RECIPES),--recipes $(RECIPES),)
