@@ -13,11 +13,14 @@ is the wall time of the default recipe's ``--budget-steps`` steps (3,000: ``make
 relative to the default's, measured first on this machine (``benchlib.TrainStep``,
 interleaved rounds of every recipe and the default in one process): a faster step buys
 more steps, and the cosine learning-rate decay ends at the budget. A ratio, not seconds,
-because this shared machine's speed drifts (seen: 2x within a day); the runs themselves
-are deterministic given their steps, so their scores do not depend on the load. Each run is then the real command, ``python -m ipu_diffusion train``, timed whole as
-``make train`` would be (start-up, training, sample grid, the end-of-run evaluation), with
-checkpoints at 1/3 and 2/3 of the steps scored the same way afterwards in another process:
-the chart's curves (FID and precision against training seconds, one line per recipe).
+because this shared machine's speed drifts (seen: 2x within a day); what a run learns
+depends on its steps, not on how long they took.
+
+Each run is the real command, ``python -m ipu_diffusion train``, timed whole as ``make
+train`` would be (start-up, training, sample grid, the end-of-run evaluation; the fp32
+matmul rate measured right after says how fast the machine was running). Its checkpoints
+at 1/3 and 2/3 of the steps are then scored the same way in another process: the chart's
+curves (FID and precision against training seconds, one line per recipe).
 
 Writes ``results/digits_recipe.json`` (runs accumulate across invocations, keyed by recipe,
 seed and budget; a rerun replaces its key) and ``results/digits_recipe.png``; the run
@@ -91,6 +94,18 @@ def _steps_for(recipe: str, relative: float, budget_steps: int, points: int) -> 
     batch = _config(recipe).training.batch_size
     steps = budget_steps * relative * default_batch / batch
     return max(points, int(round(steps / points)) * points)
+
+
+def matmul_gflops() -> float:
+    """This machine's fp32 2048^2 matmul rate now (median of 5): how fast it is running,
+    recorded beside each run's wall times (its speed drifts with the neighbours' load)."""
+    import benchlib as bl
+    import roofline
+
+    fn = roofline.matmul_fn(2048, roofline.DTYPES["fp32"])
+    fn()
+    secs = sorted(bl.seconds_per_call(fn, 3) for _ in range(5))
+    return round(2.0 * 2048 ** 3 / secs[2] / 1e9, 1)
 
 
 def train_run(recipe: str, seed: int, steps: int, points: int, workdir: str) -> Dict[str, object]:
@@ -270,7 +285,8 @@ def main(argv=None) -> int:
                 bl.log(f"{recipe} seed {seed}: {steps} steps ({rel:.3f}x the default's rate)")
                 run = train_run(recipe, seed, steps, a.points, workdir)
                 run.update(recipe=recipe, seed=seed, budget_steps=a.budget_steps, steps=steps,
-                           environment=bl.environment(), workdir=os.path.relpath(workdir, ROOT))
+                           environment=bl.environment(), matmul_gflops_after=matmul_gflops(),
+                           workdir=os.path.relpath(workdir, ROOT))
                 run["scores"] = _child_score(workdir, [steps // a.points * i for i in
                                                        range(1, a.points)], samplers)
                 e = run["metrics"]["eval"]
