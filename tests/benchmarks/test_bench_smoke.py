@@ -13,6 +13,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abs
 sys.path.insert(0, BENCH)
 
 import benchlib as bl  # noqa: E402
+import digits_recipe  # noqa: E402
 from ipu_diffusion._keras import keras  # noqa: E402
 from ipu_diffusion.models import norm  # noqa: E402
 import memory  # noqa: E402
@@ -73,3 +74,24 @@ def test_targets_and_chart_without_results(tmp_path):
     assert all(t["met"] is None for t in run_all.targets({}))
     path = bl.bar_chart(str(tmp_path / "c.png"), ["a", "b"], [1.0, 2.0], [0.5, 1.5], [1.5, 2.5])
     assert os.path.getsize(path) > 0
+
+
+def test_digits_recipe_budget_and_merged_results(tmp_path, monkeypatch):
+    """A recipe 1.5x as fast with twice the batch gets 3000 * 1.5 / 2 steps (a multiple of
+    the scored points); results written by two invocations keep both runs."""
+    monkeypatch.setitem(digits_recipe.RECIPES, "b128", ["training.batch_size=128"])
+    assert digits_recipe._steps_for("default", 1.0, 3000, 3) == 3000
+    assert digits_recipe._steps_for("b128", 1.5, 3000, 3) == 2250
+    assert digits_recipe._steps_for("b128", 1.0, 1000, 3) == 501
+    monkeypatch.setattr(bl, "RESULTS", str(tmp_path))
+    run = {"budget_steps": 9, "recipe": "default", "seed": 0, "steps": 9, "command_wall_s": 1.0,
+           "metrics": {"img_per_s": 1.0, "eval": {k: 0.5 for k in digits_recipe.SCORES}}}
+    first = {"recipes": {"default": []}, "calibration": {"default": 1}, "runs": {"a": run}}
+    second = {"recipes": {"b128": []}, "calibration": {"b128": 2},
+              "runs": {"b": dict(run, seed=1), "a": "stale"}}
+    digits_recipe._save(first, 9, ["a"])
+    digits_recipe._save(second, 9, ["b"])
+    both = bl.read_json(digits_recipe.NAME)
+    assert both["runs"] == {"a": run, "b": dict(run, seed=1)}
+    assert both["calibration"] == {"default": 1, "b128": 2}
+    assert both["summary"]["default"]["seeds"] == [0, 1]
