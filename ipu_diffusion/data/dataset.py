@@ -13,7 +13,8 @@ order is stateless and a resumed run restarts the stream at its step:
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import os
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -22,7 +23,7 @@ from ipu_diffusion import rng
 from ipu_diffusion.data.arrays import load_npz, load_tfds
 from ipu_diffusion.data.common import DataError, to_unit_range
 from ipu_diffusion.data.digits import load_digits_split
-from ipu_diffusion.data.folder import load_folder
+from ipu_diffusion.data.folder import find_images, load_folder
 
 SPLITS = ("train", "test")
 #: Sources with a held-out test split: the digits (data.test_fraction of them, stratified)
@@ -30,6 +31,39 @@ SPLITS = ("train", "test")
 TEST_SPLIT_SOURCES = ("digits", "tfds")
 SALT_FLIP = rng.salt_of("random_flip")
 _INT64_MAX = np.iinfo(np.int64).max
+#: Decoded folder and .npz loads, by what they were asked for and the files' stamps: a
+#: training run reads its data for the banner, each fit call and the evaluation.
+_FILE_CACHE: Dict[tuple, Tuple[np.ndarray, Optional[np.ndarray]]] = {}
+_FILE_CACHE_SIZE = 2
+
+
+def _files_stamp(source: str, path: str) -> Optional[tuple]:
+    """Size and modification time of the file (npz) or of every image file (folder):
+    equal stamps, same decoded arrays. None when there is nothing to read (the loader
+    then reports it)."""
+    try:
+        files = [path] if source == "npz" else find_images(path) if os.path.isdir(path) else []
+        return tuple((f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)]) or None
+    except OSError:
+        return None
+
+
+def _load_files(loader, source: str, path: str, size: int, channels: int):
+    """``loader(path, size, channels)``, or its earlier result while the files are unchanged
+    (read-only arrays, shared by the callers)."""
+    stamp = _files_stamp(source, path)
+    key = (source, os.path.abspath(path), size, channels, stamp)
+    if stamp is None or key not in _FILE_CACHE:
+        images, labels = loader(path, size, channels)
+        if stamp is None:
+            return images, labels
+        for a in (images, labels):
+            if a is not None:
+                a.flags.writeable = False
+        while len(_FILE_CACHE) >= _FILE_CACHE_SIZE:
+            _FILE_CACHE.pop(next(iter(_FILE_CACHE)))
+        _FILE_CACHE[key] = (images, labels)
+    return _FILE_CACHE[key]
 
 
 def load_raw(run_config, split: str = "train") -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -52,9 +86,9 @@ def load_raw(run_config, split: str = "train") -> Tuple[np.ndarray, Optional[np.
                         f"{' and '.join(repr(s) for s in TEST_SPLIT_SOURCES)} have one); "
                         "evaluate against split 'train'")
     elif data.source == "folder":
-        images, labels = load_folder(data.path, size, channels)
+        images, labels = _load_files(load_folder, "folder", data.path, size, channels)
     elif data.source == "npz":
-        images, labels = load_npz(data.path, size, channels)
+        images, labels = _load_files(load_npz, "npz", data.path, size, channels)
     else:
         raise DataError(f"data.source {data.source!r} is not one of digits, folder, npz, tfds")
     _check_label_config(run_config, labels)

@@ -112,6 +112,38 @@ def test_folder_reads_labels_crops_and_skips_bad_files_once(image_folder):
     np.testing.assert_allclose(x[2], 200 / 127.5 - 1.0, atol=1e-6)
 
 
+def test_folder_and_npz_are_decoded_once_until_a_file_changes(image_folder, tmp_path,
+                                                             monkeypatch):
+    """A run reads its data several times (banner, each fit call, evaluation): the
+    decoded arrays are reused while every file keeps its size and modification time."""
+    from ipu_diffusion.data import folder
+
+    decoded = []
+    read = folder.read_image
+    monkeypatch.setattr(folder, "read_image", lambda path, *a: decoded.append(path) or read(path, *a))
+    c = cfg(size=8, channels=3, source="folder", path=image_folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, _ = load_arrays(c)
+        n = len(decoded)
+        again, labels = load_arrays(c)
+    assert n == 9 and len(decoded) == n  # 9 image files, decoded by the first load only
+    assert len([w for w in caught if "skipped" in str(w.message)]) == 1
+    np.testing.assert_array_equal(first, again)
+    with pytest.raises(ValueError, match="read-only"):
+        labels[0] = 5
+    Image.fromarray(_stripes(8, 8)).save(os.path.join(image_folder, "cat", "new.png"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert load_arrays(c)[0].shape == (5, 8, 8, 3) and len(decoded) == 2 * n + 1
+    path = str(tmp_path / "a.npz")
+    np.savez(path, images=np.zeros((2, 8, 8, 3), np.uint8))
+    c = cfg(size=8, channels=3, source="npz", path=path)
+    assert load_arrays(c)[0].shape == (2, 8, 8, 3)
+    np.savez(path, images=np.zeros((3, 8, 8, 3), np.uint8))  # another file there: read again
+    assert load_arrays(c)[0].shape == (3, 8, 8, 3)
+
+
 def test_folder_grey_versus_rgb(image_folder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
