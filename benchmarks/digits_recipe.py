@@ -11,8 +11,10 @@ A recipe is a list of ``--set`` overrides of ``pipeline_configs/digits.yaml``. T
 is the wall time of the default recipe's ``--budget-steps`` steps (3,000: ``make train``'s,
 395 s on 2 idle cores). Each recipe gets the steps that fit in that time at its own rate
 relative to the default's, measured first on this machine (``benchlib.TrainStep``,
-interleaved rounds of every recipe and the default in one process): a faster step buys
-more steps, and the cosine learning-rate decay ends at the budget. A ratio, not seconds,
+interleaved rounds of every recipe and the default in one process; a recipe that changes
+neither the network nor the batch, e.g. the loss weighting or the EMA, costs what the
+default costs and is not measured): a faster step buys more steps, and the cosine
+learning-rate decay ends at the budget. A ratio, not seconds,
 because this shared machine's speed drifts (seen: 2x within a day); what a run learns
 depends on its steps, not on how long they took.
 
@@ -77,14 +79,29 @@ def calibrate(recipes: Sequence[str], rounds: int = 3, calls: int = 20) -> Dict[
     interleaved rounds; ``relative``: each round's rate over the default's in that round."""
     import benchlib as bl
 
-    recipes = ["default"] + [r for r in recipes if r != "default"]
+    same = [r for r in recipes if r != "default" and not _changes_compute(r)]
+    recipes = ["default"] + [r for r in recipes if r != "default" and r not in same]
+    if len(recipes) == 1:
+        recipes = []
     steps = {r: bl.TrainStep(_config(r)) for r in recipes}
     for step in steps.values():
         step()  # trace
-    secs = bl.interleaved(steps, rounds, calls=calls, log=bl.log)
+    secs = bl.interleaved(steps, rounds, calls=calls, log=bl.log) if steps else {}
     img_s = {r: [steps[r].cfg.training.batch_size / s for s in secs[r]] for r in recipes}
-    return {r: dict(bl.summary(v), relative=bl.summary(
+    out = {r: dict(bl.summary(v), relative=bl.summary(
         [a / d for a, d in zip(v, img_s["default"])])) for r, v in img_s.items()}
+    for r in same:
+        out[r] = {"relative": {"median": 1.0}, "note": "same network and batch as the "
+                  "default: the same step cost by construction, not measured"}
+    out.setdefault("default", {"relative": {"median": 1.0}, "note": "the reference"})
+    return out
+
+
+def _changes_compute(recipe: str) -> bool:
+    """Whether the recipe changes what a training step computes: the network (other than
+    its dropout rate) or the batch. Objective, EMA and learning-rate recipes do not."""
+    return any(o.startswith(("model.", "training.batch_size")) and not o.startswith("model.dropout")
+               for o in RECIPES[recipe])
 
 
 def _steps_for(recipe: str, relative: float, budget_steps: int, points: int) -> int:
