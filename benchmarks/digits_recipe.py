@@ -219,6 +219,28 @@ def summarise(runs: Dict[str, dict], budget: int) -> Dict[str, dict]:
     return table
 
 
+def markdown(payload: dict, budget: int) -> str:
+    """The runs at ``budget`` as a table (final checkpoint; each sampler variant a row)."""
+    head = ("| recipe (seed) | steps | sampler | FID | IS | precision / recall | near copies |\n"
+            "| --- | --- | --- | --- | --- | --- | --- |")
+    rows, floor = [head], None
+    for key, run in sorted(payload["runs"].items()):
+        if run["budget_steps"] != budget:
+            continue
+        e = floor = run["metrics"]["eval"]
+        variants = [(f"ddim-{e['steps']} eta {e['eta']:g}", e)]
+        variants += sorted(run["scores"]["samplers"].items())
+        for name, v in variants:
+            rows.append(f"| {run['recipe']} ({run['seed']}) | {run['steps']:,} | {name} | "
+                        f"{v['fid']:.3f} | {v['inception_score']:.2f} | {v['precision']:.3f} / "
+                        f"{v['recall']:.3f} | {100 * v['near_copies']:.1f}% |")
+    if floor:
+        rows.append(f"| real train vs test (floor) | | | {floor['floor_fid']:.3f} | "
+                    f"{floor['floor_inception_score']:.2f} | {floor['floor_precision']:.3f} / "
+                    f"{floor['floor_recall']:.3f} | |")
+    return "\n".join(rows)
+
+
 def chart(payload: dict, budget: int) -> str:
     import matplotlib
 
@@ -318,7 +340,9 @@ def main(argv=None) -> int:
                 # after every run: nothing lost on a crash
                 _save(payload, a.budget_steps, [_key(recipe, seed, a.budget_steps)])
     path = _save(payload, a.budget_steps)
-    bl.log(f"wrote {path} and {chart(bl.read_json(NAME), a.budget_steps)}")
+    final = bl.read_json(NAME)
+    bl.log(markdown(final, a.budget_steps))
+    bl.log(f"wrote {path} and {chart(final, a.budget_steps)}")
     return 0
 
 
