@@ -3,6 +3,7 @@ the per-step overhead of the compiled sampling loop over a bare forward pass.
 
     .venv/bin/python benchmarks/sampling.py          # quick: batch 8, DDIM 50 and 10, 3 rounds
     FULL=1 .venv/bin/python benchmarks/sampling.py   # batch 64, DDIM 100/50/20/10, 5 rounds
+    .venv/bin/python benchmarks/sampling.py precision   # only float32 vs bfloat16 (below)
 
 Chains are ``diffusion.sampling.sample`` (one compiled ``tf.while_loop`` with the network
 inside; DDIM respaces the 1000-step cosine diffusion uniformly) over
@@ -16,7 +17,8 @@ The network is untrained (sampling cost does not depend on the weights).
 and in bfloat16 (``eval.precision`` / ``sample --precision bfloat16``), interleaved;
 ``bf16_speedup`` = float32 seconds / bfloat16 seconds per round. What bfloat16 does to
 sample quality is measured on a trained run by ``digits_recipe.py --samplers ddim50_bf16``.
-Writes ``results/sampling.json`` and ``results/sampling.png``.
+Writes ``results/sampling.json`` and ``results/sampling.png`` (``precision`` alone:
+``results/sampling_precision.json``, quick DDIM-10 x 5 rounds or FULL DDIM-50 x 7).
 """
 from __future__ import annotations
 
@@ -133,5 +135,19 @@ def main() -> Dict[str, object]:
     return payload
 
 
+def main_precision() -> Dict[str, object]:
+    """Only the float32 / bfloat16 comparison, into ``results/sampling_precision.json``."""
+    full = bl.full_mode()
+    env = bl.environment()
+    res = precision_rows(bl.load("digits"), 50 if full else 10, rounds=7 if full else 5,
+                         log=bl.log)
+    env["loadavg_end"] = list(os.getloadavg())
+    payload = {"benchmark": "sampling_precision", "environment": env, **res}
+    bl.write_json("sampling_precision", payload)
+    return payload
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main_precision() if sys.argv[1:] == ["precision"] else main()
