@@ -22,7 +22,8 @@ Each run is the real command, ``python -m ipu_diffusion train``, timed whole as 
 train`` would be (start-up, training, sample grid, the end-of-run evaluation; the fp32
 matmul rate measured right after says how fast the machine was running). Its checkpoints
 at 1/3 and 2/3 of the steps are then scored the same way in another process: the chart's
-curves (FID and precision against training seconds, one line per recipe).
+curves (FID and precision against training time, one line per recipe; the time in default
+steps, since measured seconds depend on the machine's load).
 
 Writes ``results/digits_recipe.json`` (runs accumulate across invocations, keyed by recipe,
 seed and budget; a rerun replaces its key) and ``results/digits_recipe.png``; the run
