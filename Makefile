@@ -113,7 +113,7 @@ bench-torch: $(TORCH_STAMP)
 # The digits recipe experiment: each recipe trained in the time of RECIPE_BUDGET default
 # steps (make train's 3,000 by default) and scored like make train, with its checkpoints at
 # 1/3 and 2/3 (benchmarks/digits_recipe.py; ~9 min per recipe and seed on 2 idle cores).
-# RECIPES=default,minsnr5 SEEDS=0,1,2 narrow it; results/digits_recipe.json + .png.
+# RECIPES=default,minsnr5 SEEDS=0,1,2 narrow it; results/digits_recipe.json and _<budget>.png.
 RECIPES ?=
 SEEDS ?= 0
 RECIPE_BUDGET ?= 3000

@@ -26,7 +26,7 @@ curves (FID and precision against training time, one line per recipe; the time i
 steps, since measured seconds depend on the machine's load).
 
 Writes ``results/digits_recipe.json`` (runs accumulate across invocations, keyed by recipe,
-seed and budget; a rerun replaces its key) and ``results/digits_recipe.png``; the run
+seed and budget; a rerun replaces its key) and ``results/digits_recipe_<budget>.png``; the run
 directories go to ``runs/digits_recipe/`` (not committed).
 """
 from __future__ import annotations
@@ -274,7 +274,7 @@ def chart(payload: dict, budget: int) -> str:
     fig.suptitle(f"digits recipes in the time of {budget:,} default steps "
                  "(1,000 DDIM-50 samples per point)")
     fig.tight_layout()
-    path = bl.chart_path(NAME)
+    path = bl.chart_path(f"{NAME}_{budget}")
     fig.savefig(path, dpi=110)
     return path
 
