@@ -42,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
                    help="ancestral DDPM, DDIM (Song et al. 2021) or DPM-Solver++(2M) "
                    "(Lu et al. 2022)")
     s.add_argument("--steps", type=int, default=50, help="sampling steps (respaced)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    s.add_argument("--eta", type=float, default=None, help="DDIM eta: 0 deterministic, 1 "
+                   "DDPM-like (default: eval.eta)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--out", help="output prefix (default: <workdir>/sample_<sampler><steps>)")
     _guidance_flags(s)
