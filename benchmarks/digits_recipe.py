@@ -9,7 +9,7 @@ digits classifier's FID/IS/precision/recall and the near-copy check).
 
 A recipe is a list of ``--set`` overrides of ``pipeline_configs/digits.yaml``. The budget
 is the wall time of the default recipe's ``--budget-steps`` steps (3,000: ``make train``'s,
-395 s on 2 idle cores). Each recipe gets the steps that fit in that time at its own rate
+437 s of training on 2 idle cores at the benchmark rate). Each recipe gets the steps that fit in that time at its own rate
 relative to the default's, measured first on this machine (``benchlib.TrainStep``,
 interleaved rounds of every recipe and the default in one process; a recipe that changes
 neither the network nor the batch, e.g. the loss weighting or the EMA, costs what the
@@ -266,7 +266,7 @@ def chart(payload: dict, budget: int) -> str:
                                                           "precision (higher is better)")):
         if floor:
             ax.axhline(floor["floor_" + key], color="k", ls="--", lw=1, label="real-data floor")
-        ax.set_xlabel("training time, in default steps (3,000: ~395 s on 2 idle cores)")
+        ax.set_xlabel("training time, in steps of the default recipe (make train: 3,000)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
