@@ -63,7 +63,8 @@ RECIPES: Dict[str, List[str]] = {
 }
 #: sampler variants scored on the final checkpoint of each run besides eval's DDIM-50
 #: (sampler, steps, eta, network precision)
-SAMPLERS = {"ddim100": ("ddim", 100, 0.0, "float32"), "ddim50_eta0.5": ("ddim", 50, 0.5, "float32"),
+SAMPLERS = {"ddim100": ("ddim", 100, 0.0, "float32"), "ddim50_eta0": ("ddim", 50, 0.0, "float32"),
+            "ddim50_eta0.5": ("ddim", 50, 0.5, "float32"), "ddim50_eta0.75": ("ddim", 50, 0.75, "float32"),
             "ddim50_eta1": ("ddim", 50, 1.0, "float32"), "ddim100_eta0.5": ("ddim", 100, 0.5, "float32"),
             "ddpm250": ("ddpm", 250, 0.0, "float32"), "ddim50_bf16": ("ddim", 50, 0.0, "bfloat16")}
 SCORES = ("fid", "inception_score", "precision", "recall", "near_copies")
