@@ -201,8 +201,20 @@ def _key(recipe: str, seed: int, budget: int) -> str:
     return f"{recipe}/seed{seed}/{budget}"
 
 
+def _variants(run: dict) -> Dict[str, dict]:
+    """The final checkpoint's scores by sampler: eval's own (named as in ``SAMPLERS`` when it
+    is one of them; the default's eval eta changed from 0 to 0.5 between runs) and each
+    ``--samplers`` variant scored afterwards."""
+    e = run["metrics"]["eval"]
+    own = (e["sampler"], e["steps"], e["eta"], e.get("sampling_precision", "float32"))
+    name = next((k for k, v in SAMPLERS.items() if v == own),
+                f"{e['sampler']}{e['steps']}_eta{e['eta']:g}")
+    return dict(run["scores"]["samplers"], **{name: e})
+
+
 def summarise(runs: Dict[str, dict], budget: int) -> Dict[str, dict]:
-    """Per recipe at ``budget``: mean, min and max of the final scores over its seeds."""
+    """Per recipe and sampler at ``budget``: mean, min and max of the final checkpoint's
+    scores over the seeds that have that sampler scored."""
     import numpy as np
 
     by_recipe: Dict[str, List[dict]] = {}
@@ -213,26 +225,29 @@ def summarise(runs: Dict[str, dict], budget: int) -> Dict[str, dict]:
     for recipe, rs in sorted(by_recipe.items()):
         row = {"seeds": sorted(r["seed"] for r in rs), "steps": rs[0]["steps"],
                "command_wall_s": [r["command_wall_s"] for r in rs],
-               "img_per_s": [r["metrics"]["img_per_s"] for r in rs]}
-        for k in SCORES:
-            v = [r["metrics"]["eval"][k] for r in rs]
-            row[k] = {"mean": float(np.mean(v)), "min": float(min(v)), "max": float(max(v))}
+               "img_per_s": [r["metrics"]["img_per_s"] for r in rs], "samplers": {}}
+        scored = [(r["seed"], _variants(r)) for r in rs]
+        for name in sorted({n for _, v in scored for n in v}):
+            got = sorted((seed, v[name]) for seed, v in scored if name in v)
+            row["samplers"][name] = dict({"seeds": [seed for seed, _ in got]}, **{
+                k: {"mean": float(np.mean([v[k] for _, v in got])),
+                    "min": float(min(v[k] for _, v in got)),
+                    "max": float(max(v[k] for _, v in got))} for k in SCORES})
         table[recipe] = row
     return table
 
 
 def markdown(payload: dict, budget: int) -> str:
-    """The runs at ``budget`` as a table (final checkpoint; each sampler variant a row)."""
+    """The runs at ``budget`` as tables: each seed's final checkpoint (each sampler a row),
+    then the mean [min, max] over seeds per recipe and sampler."""
     head = ("| recipe (seed) | steps | sampler | FID | IS | precision / recall | near copies |\n"
             "| --- | --- | --- | --- | --- | --- | --- |")
     rows, floor = [head], None
     for key, run in sorted(payload["runs"].items()):
         if run["budget_steps"] != budget:
             continue
-        e = floor = run["metrics"]["eval"]
-        variants = [(f"ddim-{e['steps']} eta {e['eta']:g}", e)]
-        variants += sorted(run["scores"]["samplers"].items())
-        for name, v in variants:
+        floor = run["metrics"]["eval"]
+        for name, v in sorted(_variants(run).items()):
             rows.append(f"| {run['recipe']} ({run['seed']}) | {run['steps']:,} | {name} | "
                         f"{v['fid']:.3f} | {v['inception_score']:.2f} | {v['precision']:.3f} / "
                         f"{v['recall']:.3f} | {100 * v['near_copies']:.1f}% |")
@@ -240,6 +255,14 @@ def markdown(payload: dict, budget: int) -> str:
         rows.append(f"| real train vs test (floor) | | | {floor['floor_fid']:.3f} | "
                     f"{floor['floor_inception_score']:.2f} | {floor['floor_precision']:.3f} / "
                     f"{floor['floor_recall']:.3f} | |")
+    rows += ["", "| recipe | sampler | seeds | FID | IS | precision | recall | near copies |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cell = "{mean:.3f} [{min:.3f}, {max:.3f}]".format
+    for recipe, row in sorted(summarise(payload["runs"], budget).items()):
+        for name, v in row["samplers"].items():
+            rows.append(f"| {recipe} | {name} | {','.join(map(str, v['seeds']))} | "
+                        + " | ".join(cell(**v[k]) for k in SCORES[:4])
+                        + f" | {100 * v['near_copies']['mean']:.1f}% |")
     return "\n".join(rows)
 
 

@@ -84,14 +84,32 @@ def test_digits_recipe_budget_and_merged_results(tmp_path, monkeypatch):
     assert digits_recipe._steps_for("b128", 1.5, 3000, 3) == 2250
     assert digits_recipe._steps_for("b128", 1.0, 1000, 3) == 501
     monkeypatch.setattr(bl, "RESULTS", str(tmp_path))
-    run = {"budget_steps": 9, "recipe": "default", "seed": 0, "steps": 9, "command_wall_s": 1.0,
-           "metrics": {"img_per_s": 1.0, "eval": {k: 0.5 for k in digits_recipe.SCORES}}}
-    first = {"recipes": {"default": []}, "calibration": {"default": 1}, "runs": {"a": run}}
+    def scores(v):
+        return {k: v for k in digits_recipe.SCORES}
+
+    def run(seed, eta, eval_value, samplers):
+        return {"budget_steps": 9, "recipe": "default", "seed": seed, "steps": 9,
+                "command_wall_s": 1.0, "scores": {"samplers": samplers}, "metrics": {
+                    "img_per_s": 1.0, "eval": dict(scores(eval_value), sampler="ddim",
+                                                   steps=50, eta=eta, **floor)}}
+
+    floor = {"floor_" + k: 0.1 for k in ("fid", "inception_score", "precision", "recall")}
+
+    # seed 0 evaluated at eta 0; seed 1 at eta 0.5, its eta 0 scored afterwards
+    a, b = run(0, 0.0, 0.25, {}), run(1, 0.5, 0.75, {"ddim50_eta0": scores(0.5)})
+    first = {"recipes": {"default": []}, "calibration": {"default": 1}, "runs": {"a": a}}
     second = {"recipes": {"b128": []}, "calibration": {"b128": 2},
-              "runs": {"b": dict(run, seed=1), "a": "stale"}}
+              "runs": {"b": b, "a": "stale"}}
     digits_recipe._save(first, 9, ["a"])
     digits_recipe._save(second, 9, ["b"])
     both = bl.read_json(digits_recipe.NAME)
-    assert both["runs"] == {"a": run, "b": dict(run, seed=1)}
+    assert both["runs"] == {"a": a, "b": b}
     assert both["calibration"] == {"default": 1, "b128": 2}
-    assert both["summary"]["default"]["seeds"] == [0, 1]
+    summary = both["summary"]["default"]
+    assert summary["seeds"] == [0, 1]
+    # each sampler over the seeds that scored it, never mixed across samplers
+    assert summary["samplers"]["ddim50_eta0"]["seeds"] == [0, 1]
+    assert summary["samplers"]["ddim50_eta0"]["fid"] == {"mean": 0.375, "min": 0.25, "max": 0.5}
+    assert summary["samplers"]["ddim50_eta0.5"]["seeds"] == [1]
+    assert summary["samplers"]["ddim50_eta0.5"]["precision"]["mean"] == 0.75
+    assert "| default | ddim50_eta0 | 0,1 | 0.375 [0.250, 0.500] |" in digits_recipe.markdown(both, 9)
