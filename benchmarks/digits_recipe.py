@@ -229,10 +229,11 @@ def summarise(runs: Dict[str, dict], budget: int) -> Dict[str, dict]:
         scored = [(r["seed"], _variants(r)) for r in rs]
         for name in sorted({n for _, v in scored for n in v}):
             got = sorted((seed, v[name]) for seed, v in scored if name in v)
-            row["samplers"][name] = dict({"seeds": [seed for seed, _ in got]}, **{
-                k: {"mean": float(np.mean([v[k] for _, v in got])),
-                    "min": float(min(v[k] for _, v in got)),
-                    "max": float(max(v[k] for _, v in got))} for k in SCORES})
+            stats = row["samplers"][name] = {"seeds": [seed for seed, _ in got]}
+            for k in SCORES:
+                vals = [v[k] for _, v in got]
+                stats[k] = {"mean": float(np.mean(vals)), "min": float(min(vals)),
+                            "max": float(max(vals))}
         table[recipe] = row
     return table
 

@@ -84,6 +84,8 @@ def test_digits_recipe_budget_and_merged_results(tmp_path, monkeypatch):
     assert digits_recipe._steps_for("b128", 1.5, 3000, 3) == 2250
     assert digits_recipe._steps_for("b128", 1.0, 1000, 3) == 501
     monkeypatch.setattr(bl, "RESULTS", str(tmp_path))
+    floor = {"floor_" + k: 0.1 for k in ("fid", "inception_score", "precision", "recall")}
+
     def scores(v):
         return {k: v for k in digits_recipe.SCORES}
 
@@ -92,8 +94,6 @@ def test_digits_recipe_budget_and_merged_results(tmp_path, monkeypatch):
                 "command_wall_s": 1.0, "scores": {"samplers": samplers}, "metrics": {
                     "img_per_s": 1.0, "eval": dict(scores(eval_value), sampler="ddim",
                                                    steps=50, eta=eta, **floor)}}
-
-    floor = {"floor_" + k: 0.1 for k in ("fid", "inception_score", "precision", "recall")}
 
     # seed 0 evaluated at eta 0; seed 1 at eta 0.5, its eta 0 scored afterwards
     a, b = run(0, 0.0, 0.25, {}), run(1, 0.5, 0.75, {"ddim50_eta0": scores(0.5)})
