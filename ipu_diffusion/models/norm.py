@@ -60,13 +60,16 @@ def _group_norm_math(x, gamma, beta, groups: int, epsilon: float, add=None, scal
 
 # Normalisation and its neighbours are memory-bound chains of small ops; one XLA cluster
 # per call fuses them (about 2x faster forward + backward on CPU than separate TF ops).
+# Only inside a traced function: an eager call would compile a cluster for every new
+# shape to run it once (an eager pipelined step of a tiny U-Net: 10 s instead of 3 s).
 _fused_group_norm = tf.function(_group_norm_math, jit_compile=True, autograph=False)
 
 
 class GroupNorm(keras.layers.Layer):
     """Group normalisation with ``gamma``/``beta`` ``[C]`` (the weights of
-    ``keras.layers.GroupNormalization``), computed as one fused XLA function that can
-    also take a pre-added ``add``, a scale-shift and a trailing swish."""
+    ``keras.layers.GroupNormalization``), computed as one fused XLA function (op by op
+    when called eagerly) that can also take a pre-added ``add``, a scale-shift and a
+    trailing swish."""
 
     def __init__(self, groups: int, epsilon: float = GROUP_NORM_EPSILON,
                  name: Optional[str] = None, **kwargs):
@@ -81,7 +84,8 @@ class GroupNorm(keras.layers.Layer):
 
     def call(self, inputs, add=None, scale=None, shift=None, swish=False):
         gamma, beta = tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta)
-        return _fused_group_norm(inputs, gamma, beta, self.groups, self.epsilon,
+        fn = _group_norm_math if tf.executing_eagerly() else _fused_group_norm
+        return fn(inputs, gamma, beta, self.groups, self.epsilon,
                                  add, scale, shift, bool(swish))
 
     def compute_output_shape(self, input_shape):

@@ -104,6 +104,8 @@ def test_group_norm_factory_hook():
 
 
 def test_fused_group_norm_equals_keras_group_norm_op_by_op():
+    """Ours eagerly (op by op) and traced (one XLA cluster, forward and gradient) against
+    Keras' layer with the scale-shift and swish done op by op."""
     x = tf.random.stateless_normal([3, 4, 4, 8], seed=[1, 2]) * 3.0 + 1.0
     add = tf.random.stateless_normal([3, 1, 1, 8], seed=[3, 4])
     scale = tf.random.stateless_normal([3, 1, 1, 8], seed=[5, 6])
@@ -118,9 +120,23 @@ def test_fused_group_norm_equals_keras_group_norm_op_by_op():
         layer.beta.assign(gamma * 0.5)
     for kwargs in [{}, {"add": add}, {"scale": scale, "shift": shift}]:
         for swish in (False, True):
-            fused = L.norm_act(ours, x, swish=swish, **kwargs)
-            plain = L.norm_act(ref, x, swish=swish, **kwargs)
-            np.testing.assert_allclose(fused.numpy(), plain.numpy(), rtol=1e-4, atol=1e-5)
+            def grad(layer, traced):
+                def f(x):
+                    with tf.GradientTape() as tape:
+                        tape.watch(x)
+                        y = L.norm_act(layer, x, swish=swish, **kwargs)
+                        loss = tf.reduce_sum(y * tf.sin(y))
+                    return y, tape.gradient(loss, [x, layer.gamma])
+                return tf.function(f)(x) if traced else f(x)
+
+            plain, plain_grads = grad(ref, False)
+            for traced in (False, True):
+                ours_y, ours_grads = grad(ours, traced)
+                np.testing.assert_allclose(ours_y.numpy(), plain.numpy(), rtol=1e-4, atol=1e-5)
+                for g, want in zip(ours_grads, plain_grads):
+                    np.testing.assert_allclose(g.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+    traced = tf.function(lambda x: L.norm_act(ours, x)).get_concrete_function(x)
+    assert "_XlaMustCompile" in str(traced.graph.as_graph_def()), "traced: not one XLA cluster"
 
 
 def test_mixed_precision_output_is_float32():
