@@ -308,4 +308,6 @@ def train(run_config: RunConfig, workdir: Optional[str] = None, resume: bool = F
                "samples": None}
     if writer:
         merge_metrics(workdir, metrics)
+    else:
+        metrics["written_by"] = "instance 0"
     return metrics

@@ -151,5 +151,8 @@ def summary_lines(metrics: Dict[str, Any], workdir: str) -> List[str]:
         lines.append(_row("samples", metrics["samples"]))
     if "eval" in metrics:
         lines.append(_row("", os.path.join(workdir, "eval_samples.png") + " (evaluation)"))
-    lines.append(_row("metrics", os.path.join(workdir, "metrics.json")))
+    if metrics.get("written_by"):  # the other workers or instances of a distributed run
+        lines.append(_row("metrics", f"written by {metrics['written_by']}"))
+    else:
+        lines.append(_row("metrics", os.path.join(workdir, "metrics.json")))
     return lines

@@ -328,6 +328,7 @@ def train(cfg: RunConfig, workdir: Optional[str] = None, resume: bool = False,
     if run.trainer.loss_scale is not None:  # mixed_float16: steps skipped to lower the scale
         metrics["loss_scale_overflows"] = int(run.trainer.loss_scale.overflows.numpy())
     if not run.writer:
+        metrics["written_by"] = "the chief (worker 0)"  # not this worker: report.summary_lines
         return metrics
     merge_metrics(workdir, metrics)
     if cfg.eval.at_end and cfg.eval.num_samples:

@@ -21,6 +21,7 @@ from ipu_diffusion.config import load_config
 from ipu_diffusion.models import layers
 from ipu_diffusion.pipeline import ipu
 from ipu_diffusion.training import ipu_train
+from ipu_diffusion.training.report import summary_lines
 
 pytestmark = [pytest.mark.keras2, pytest.mark.slow,
               pytest.mark.skipif(IS_KERAS3, reason="needs Keras 2 OptimizerV2 (run with "
@@ -106,3 +107,4 @@ def test_ipu_train_under_poprun_writes_only_on_instance_0(monkeypatch, tmp_path)
         layers.set_group_norm_factory(None)
     assert metrics["steps"] == 2 and metrics["final_loss"] > 0
     assert not workdir.exists() or not any(workdir.rglob("*")), list(workdir.rglob("*"))
+    assert "  metrics    written by instance 0" in summary_lines(metrics, str(workdir))

@@ -190,8 +190,10 @@ def test_two_workers_equal_one_process(killed_and_resumed, one_process):
     expected = {key: reader.get_tensor(key) for key in cluster.at_kill}
     _assert_like_one_process(cluster.at_kill, expected, k, "two workers, new run")
     assert cluster.codes == [0, 0], cluster.err(0)[-3000:] + cluster.err(1)[-3000:]
-    for i in range(2):
-        assert f"done: {STEPS} steps" in open(cluster.logs[i] + ".out").read()
+    outs = [open(cluster.logs[i] + ".out").read() for i in range(2)]
+    assert all(f"done: {STEPS} steps" in out for out in outs)
+    # worker 1's summary names no file of its own: it wrote none
+    assert "written by the chief (worker 0)" in outs[1] and str(cluster.worker1_dir) not in outs[1]
     _assert_like_one_process(_final_tensors(cluster.workdir)[1], _final_tensors(one_dir)[1],
                              STEPS, "two workers, resumed")
     metrics = json.load(open(os.path.join(cluster.workdir, "metrics.json")))
