@@ -29,9 +29,10 @@ def pytest_configure(config):
 
 
 # Seconds each of the slowest files takes in ``make test`` on 2 cores (measured with
-# --junitxml; a stale figure only changes the order). ``make test`` runs with ``--dist loadfile --no-loadscope-reorder``:
-# each file goes to one of the two workers in the order below, so starting the long files
-# first keeps a long file from landing last on one worker while the other idles.
+# --junitxml; a stale figure only changes the order). ``make test`` runs with
+# ``--dist loadfile --no-loadscope-reorder``: each file goes to one of the two workers in
+# the order below, so starting the long files first keeps a long file from landing last
+# on one worker while the other idles.
 # Unlisted files count 30 s per ``slow`` test and 0.5 s per other test.
 FILE_SECONDS = {
     "tests/training/test_train_e2e.py": 120,
