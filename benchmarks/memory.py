@@ -1,8 +1,9 @@
 """Peak memory of a training step per pipeline configuration, each in a FRESH subprocess,
 next to the estimate of ``pipeline/memory.py``.
 
-    .venv/bin/python benchmarks/memory.py          # quick: unsplit, S4 M8 grouped recompute off/on
-    FULL=1 .venv/bin/python benchmarks/memory.py   # + schedules, S2, M = 1..16, 3 repeats
+    .venv/bin/python benchmarks/memory.py          # quick: digits, S1, S2/S4 M8 recompute off/on
+    .venv/bin/python benchmarks/memory.py --cifar  # + DDPM CIFAR-10, batch 16, S1, S2/S4 M4 (8 min more)
+    FULL=1 .venv/bin/python benchmarks/memory.py   # + schedules, M = 1..16, 3 repeats
 
 A child process (``memory.py --child SPEC``) configures 4 logical CPUs, builds the run
 with ``build_run`` (placed pipeline executor for S > 1), runs one step (tracing and graph
@@ -17,7 +18,10 @@ marks and runs ``steps`` more ``DiffusionTrainer.train_step`` calls. It reports:
   reset (one CPU allocator serves all logical CPU devices; checked): bytes of live
   tensors at the worst moment of the steps, weights and optimizer state included;
 - ``estimate``: memory.py's per-stage totals (``MemorySpec`` with the run's micro-batch,
-  M, schedule, recompute; backend "fallback"; Adam + EMA, float32) and their sum.
+  M, schedule, recompute; backend "fallback"; Adam + EMA, float32) and their sum;
+  ``host_estimate``: ``memory.host_total`` of them, the peak when all stages share one
+  allocator, which is what ``tf_peak`` measures (the stages' own peaks cannot be told
+  apart there); ``host_vs_tf`` = host_estimate / tf_peak (the model's target: 0.75..1.25).
 
 Writes ``results/memory.json`` and ``results/memory.png``.
 """
@@ -32,6 +36,7 @@ from typing import Dict, List, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BATCH = 128
+CIFAR_BATCH = 16  # the unsplit step's peak is 1.7 GiB
 MIB = float(1 << 20)
 
 
@@ -49,10 +54,11 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def estimate(run, cfg) -> List[int]:
-    """memory.py's per-stage totals for the run's partition (S = 1: one stage)."""
+def estimate(run, cfg):
+    """memory.py's per-stage totals for the run's partition (S = 1: one stage), and their
+    one-allocator peak (``host_total``)."""
     from ipu_diffusion.pipeline.ipu_plan import carry_shapes
-    from ipu_diffusion.pipeline.memory import MemorySpec, estimate_partition
+    from ipu_diffusion.pipeline.memory import MemorySpec, estimate_partition, host_total
     from ipu_diffusion.pipeline.partition import LOSS_KEY, partition_unet
 
     ex = run.trainer.executor
@@ -61,8 +67,9 @@ def estimate(run, cfg) -> List[int]:
     p = cfg.pipeline
     spec = MemorySpec(micro_batch=cfg.training.batch_size // p.microbatches,
                       microbatches=p.microbatches, schedule=p.schedule, recompute=p.recompute)
-    return [int(m.total) for m in estimate_partition(part, run.unet.block_info(), spec,
-                                                     carry_shapes(cfg))]
+    info, shapes = run.unet.block_info(), carry_shapes(cfg)
+    mems = estimate_partition(part, info, spec, shapes)
+    return [int(m.total) for m in mems], int(host_total(part, info, mems, spec, shapes))
 
 
 def reset_peak_rss() -> None:
@@ -104,11 +111,11 @@ def child(spec: Dict[str, object]) -> Dict[str, object]:
         info["tf_peak"] = int(tf.config.experimental.get_memory_info("CPU:0")["peak"])
     except (ValueError, RuntimeError) as e:
         info["tf_memory_info"] = f"unavailable: {e}"
-    est = estimate(step.run, cfg)
+    est, host = estimate(step.run, cfg)
     return {"peak_rss_lifetime": lifetime_peak, "peak_rss_steps": steps_peak,
             "rss_after_import": after_import, "rss_after_build": after_build,
             "rss_before_steps": before_steps, "estimate_per_stage": est, "estimate": sum(est),
-            **info}
+            "host_estimate": host, **info}
 
 
 def run_child(spec: Dict[str, object]) -> Dict[str, object]:
@@ -120,18 +127,23 @@ def run_child(spec: Dict[str, object]) -> Dict[str, object]:
     return json.loads(lines[-1])
 
 
-def cases(full: bool) -> List[Dict[str, object]]:
-    def pipe(s: int, m: int, schedule: str = "grouped", rc: bool = False):
-        return {"label": f"S{s} M{m} {schedule}{' rc' if rc else ''}",
-                "sets": [f"pipeline.stages={s}", f"pipeline.microbatches={m}",
-                         f"pipeline.schedule={schedule}", f"pipeline.recompute={str(rc).lower()}"]}
+def _pipe(s: int, m: int, schedule: str = "grouped", rc: bool = False):
+    return {"label": f"S{s} M{m} {schedule}{' rc' if rc else ''}",
+            "sets": [f"pipeline.stages={s}", f"pipeline.microbatches={m}",
+                     f"pipeline.schedule={schedule}", f"pipeline.recompute={str(rc).lower()}"]}
 
-    out = [{"label": "S1 unsplit", "sets": ["pipeline.stages=1"]},
-           pipe(4, 8), pipe(4, 8, rc=True)]
+
+def _grid(m: int) -> List[Dict[str, object]]:
+    """Unsplit, then S = 2 and 4 with ``m`` microbatches, recomputation off and on."""
+    return [{"label": "S1 unsplit", "sets": ["pipeline.stages=1"]}] + [
+        _pipe(s, m, rc=rc) for s in (2, 4) for rc in (False, True)]
+
+
+def cases(full: bool) -> List[Dict[str, object]]:
+    out = _grid(8)
     if full:
-        out += [pipe(2, 8), pipe(2, 8, rc=True)]
-        out += [pipe(4, 8, sch, rc) for sch in ("interleaved", "sequential") for rc in (False, True)]
-        out += [pipe(4, m, "grouped", rc) for m in (1, 2, 4, 16) for rc in (False, True)]
+        out += [_pipe(4, 8, sch, rc) for sch in ("interleaved", "sequential") for rc in (False, True)]
+        out += [_pipe(4, m, "grouped", rc) for m in (1, 2, 4, 16) for rc in (False, True)]
     return out
 
 
@@ -146,11 +158,14 @@ def measure(selected: Sequence[Dict[str, object]], preset: str, batch: int, repe
         row = {"label": c["label"], "preset": preset, "batch": batch, "precision": "float32",
                "sets": c["sets"], "repeats": repeats,
                "estimate_mib": got[0]["estimate"] / MIB,
-               "estimate_per_stage_mib": [v / MIB for v in got[0]["estimate_per_stage"]]}
+               "estimate_per_stage_mib": [v / MIB for v in got[0]["estimate_per_stage"]],
+               "host_estimate_mib": got[0]["host_estimate"] / MIB}
         for key in ("peak_rss_lifetime", "peak_rss_steps", "rss_after_import", "rss_after_build",
                     "rss_before_steps", "tf_peak"):
             if all(key in g for g in got):
                 row[key + "_mib"] = bl.summary([g[key] / MIB for g in got])
+        if "tf_peak_mib" in row:
+            row["host_vs_tf"] = row["host_estimate_mib"] / row["tf_peak_mib"]["median"]
         row["steps_rss_above_build_mib"] = bl.summary(
             [(g["peak_rss_steps"] - g["rss_after_build"]) / MIB for g in got])
         rows.append(row)
@@ -158,7 +173,8 @@ def measure(selected: Sequence[Dict[str, object]], preset: str, batch: int, repe
             log(f"  {c['label']}: peak RSS {row['peak_rss_lifetime_mib']['median']:.0f} MiB "
                 f"(lifetime), {row['peak_rss_steps_mib']['median']:.0f} MiB (steps), TF peak "
                 f"{row.get('tf_peak_mib', {}).get('median', float('nan')):.0f} MiB, "
-                f"estimate {row['estimate_mib']:.0f} MiB")
+                f"estimate {row['host_estimate_mib']:.0f} MiB (one allocator; "
+                f"{row.get('host_vs_tf', float('nan')):.2f}x)")
     return rows
 
 
@@ -171,6 +187,9 @@ def main() -> Dict[str, object]:
     bl.log(f"memory: digits, batch {BATCH}, fresh subprocess per configuration, "
            f"load {os.getloadavg()[0]:.2f}")
     rows = measure(cases(full), "digits", BATCH, repeats=3 if full else 1, log=bl.log)
+    if "--cifar" in sys.argv[1:]:
+        bl.log(f"memory: ddpm_cifar10, batch {CIFAR_BATCH}")
+        rows += measure(_grid(4), "ddpm_cifar10", CIFAR_BATCH, repeats=1, log=bl.log)
     env["loadavg_end"] = list(os.getloadavg())
     payload = {"benchmark": "memory", "environment": env, "rows": rows}
     bl.write_json("memory", payload)
@@ -179,24 +198,31 @@ def main() -> Dict[str, object]:
 
 
 def _chart(bl, rows) -> None:
+    """One panel per network: TF allocator peak and memory.py's one-allocator estimate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(rows) + 2), 3.6))
-    series = [("steps: peak RSS - RSS after build", [r["steps_rss_above_build_mib"]["median"] for r in rows]),
-              ("TF allocator peak", [r.get("tf_peak_mib", {}).get("median", 0) for r in rows]),
-              ("memory.py estimate", [r["estimate_mib"] for r in rows])]
-    for i, (name, vals) in enumerate(series):
-        ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=name)
-    ax.set_xticks(x)
-    ax.set_xticklabels([r["label"] for r in rows], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("MiB")
-    ax.set_title(f"digits training step memory, batch {rows[0]['batch']}", fontsize=10)
-    ax.legend(fontsize=8)
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    fig, axes = plt.subplots(1, len(presets), figsize=(5.2 * len(presets), 3.8), squeeze=False)
+    for ax, preset in zip(axes[0], presets):
+        sub = [r for r in rows if r["preset"] == preset]
+        x = np.arange(len(sub))
+        tf_peak = [r.get("tf_peak_mib", {}).get("median", 0) for r in sub]
+        ax.bar(x - 0.2, tf_peak, 0.4, label="TF allocator peak (measured)")
+        ax.bar(x + 0.2, [r["host_estimate_mib"] for r in sub], 0.4,
+               label="pipeline/memory.py estimate")
+        for xi, r in zip(x, sub):
+            if "host_vs_tf" in r:
+                ax.text(xi + 0.2, r["host_estimate_mib"], f"{r['host_vs_tf']:.2f}x",
+                        ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x)
+        ax.set_xticklabels([r["label"] for r in sub], rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel("MiB")
+        ax.set_title(f"{preset} training step, batch {sub[0]['batch']}", fontsize=10)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(bl.chart_path("memory"), dpi=110)
     plt.close(fig)

@@ -102,8 +102,8 @@ def headline(res: Dict[str, Optional[dict]]) -> List[List[str]]:
         add(f"pipeline {r['label']} / unsplit", r["relative"], "{:.3f}", pl, r.get("cores_used"))
     me = res.get("memory")
     for r in (me or {}).get("rows", []):
-        add(f"memory {r['label']} TF peak (MiB; estimate {r['estimate_mib']:.0f})",
-            r.get("tf_peak_mib"), "{:.0f}", me)
+        add(f"memory {r.get('preset', 'digits')} {r['label']} TF peak (MiB; estimate "
+            f"{r.get('host_estimate_mib', r['estimate_mib']):.0f})", r.get("tf_peak_mib"), "{:.0f}", me)
         add(f"memory {r['label']} steps peak RSS (MiB)", r.get("peak_rss_steps_mib"), "{:.0f}", me)
     return rows
 

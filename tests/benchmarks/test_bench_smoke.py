@@ -58,6 +58,7 @@ def test_train_step_pipeline_and_memory_child(tmp_path):
     got = memory.child({"preset": "digits", "batch": 4, "steps": 1, "eager": True,
                         "sets": TINY + ["pipeline.stages=2", "pipeline.microbatches=2"]})
     assert len(got["estimate_per_stage"]) == 2 and got["peak_rss_steps"] > 0
+    assert max(got["estimate_per_stage"]) < got["host_estimate"] < got["estimate"]
     assert train_throughput.case("digits", 4, "mixed_bfloat16", True)[0] == "digits b4 bf16 xla"
 
 
