@@ -201,15 +201,19 @@ def _key(recipe: str, seed: int, budget: int) -> str:
     return f"{recipe}/seed{seed}/{budget}"
 
 
-def _variants(run: dict) -> Dict[str, dict]:
-    """The final checkpoint's scores by sampler: eval's own (named as in ``SAMPLERS`` when it
-    is one of them; the default's eval eta changed from 0 to 0.5 between runs) and each
-    ``--samplers`` variant scored afterwards."""
+def _own_sampler(run: dict) -> str:
+    """The name of the sampler eval used in ``run`` (as in ``SAMPLERS`` when it is one of
+    them; the default's eval eta changed from 0 to 0.5 between runs)."""
     e = run["metrics"]["eval"]
     own = (e["sampler"], e["steps"], e["eta"], e.get("sampling_precision", "float32"))
-    name = next((k for k, v in SAMPLERS.items() if v == own),
+    return next((k for k, v in SAMPLERS.items() if v == own),
                 f"{e['sampler']}{e['steps']}_eta{e['eta']:g}")
-    return dict(run["scores"]["samplers"], **{name: e})
+
+
+def _variants(run: dict) -> Dict[str, dict]:
+    """The final checkpoint's scores by sampler: eval's own and each ``--samplers`` variant
+    scored afterwards."""
+    return dict(run["scores"]["samplers"], **{_own_sampler(run): run["metrics"]["eval"]})
 
 
 def summarise(runs: Dict[str, dict], budget: int) -> Dict[str, dict]:
@@ -275,17 +279,22 @@ def chart(payload: dict, budget: int) -> str:
     import benchlib as bl
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    floor = None
+    floor, labelled = None, set()
+    samplers = sorted({_own_sampler(r) for r in payload["runs"].values()})
     for recipe in sorted({r["recipe"] for r in payload["runs"].values()}):
         rs = [r for r in payload["runs"].values() if r["recipe"] == recipe and r["budget_steps"] == budget]
-        for i, run in enumerate(sorted(rs, key=lambda r: r["seed"])):
+        for run in sorted(rs, key=lambda r: r["seed"]):
             pts = sorted((int(s), p) for s, p in run["scores"]["points"].items())
             # the time of the default's steps: every run ends at the budget by construction
             secs = [s / run["steps"] * budget for s, _ in pts]
+            # the checkpoints are scored with the run's eval sampler: one line style each
+            label = f"{recipe}, {_own_sampler(run)}"
             for ax, key in zip(axes, ("fid", "precision")):
                 ax.plot(secs, [p[key] for _, p in pts], marker="o", lw=1.2,
                         color=f"C{sorted(RECIPES).index(recipe) % 10}",
-                        label=recipe if i == 0 else None, alpha=0.9 if i == 0 else 0.5)
+                        ls=("-", "--", ":", "-.")[samplers.index(_own_sampler(run)) % 4],
+                        label=None if label in labelled else label, alpha=0.8)
+            labelled.add(label)
             floor = run["metrics"]["eval"]
     for ax, key, title in zip(axes, ("fid", "precision"), ("FID (lower is better)",
                                                           "precision (higher is better)")):

@@ -181,7 +181,8 @@ def host_total(partition, block_info: Sequence[Mapping], mems: Sequence[StageMem
     e, b = spec.bytes_per_element, spec.micro_batch
     total = sum(m.state for m in mems) + max(m.working for m in mems)
     if not spec.recompute:
-        return total + sum(m.stash - m.depth * m.inputs for m in mems) + mems[0].depth * mems[0].inputs
+        acts = sum(m.stash - m.depth * m.inputs for m in mems)
+        return total + acts + mems[0].depth * mems[0].inputs
     held: Dict[Tuple[str, int], Tuple[int, int]] = {}  # (key, writer block) -> elements, depth
     for s in range(partition.num_stages):
         start = partition.ranges[s][0]
