@@ -85,8 +85,7 @@ class GroupNorm(keras.layers.Layer):
     def call(self, inputs, add=None, scale=None, shift=None, swish=False):
         gamma, beta = tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta)
         fn = _group_norm_math if tf.executing_eagerly() else _fused_group_norm
-        return fn(inputs, gamma, beta, self.groups, self.epsilon,
-                                 add, scale, shift, bool(swish))
+        return fn(inputs, gamma, beta, self.groups, self.epsilon, add, scale, shift, bool(swish))
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -10,7 +10,7 @@ For stage ``s`` of ``S`` with ``P_s`` parameters, micro-batch ``b`` and ``M`` mi
     stash        = depth(s) * (I_s + A_s)        without recomputation
                  = depth(s) * I_s                with recomputation
     working      = e * P_s                       one microbatch's gradients before they join
-                                                 the accumulator (and the clipped copy)
+                                                 the accumulator
                  + A_s                           with recomputation: one microbatch's
                                                  activations while it is recomputed
     total        = weights + gradients + optimizer + ema + stash + working
@@ -21,8 +21,8 @@ pass keeps for one micro-batch: ``activation_multiplier`` times the output of ev
 block (``block_info()["output_shapes"]``), unless the block info carries its own
 ``"activation_elements"``.
 
-The multiplier (10) and the ``e * P_s`` working term are **measured**, not derived:
-``benchmarks/memory.py`` compares :func:`host_total` with TensorFlow's CPU allocator peak
+The multiplier (10) and the ``e * P_s`` working term are **fitted to measurements**, not
+derived: ``benchmarks/memory.py`` compares :func:`host_total` with TensorFlow's CPU allocator peak
 for the digits and DDPM CIFAR-10 networks, S in {1, 2, 4}, recomputation on and off
 (``results/memory.json``; all within 25%). The first version counted 4 tensors per
 block output and no gradient buffer, and was 2.3x low for one stage. A residual block
