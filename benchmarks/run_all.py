@@ -40,7 +40,7 @@ def _target(name: str, value: Optional[float], goal: float, text: str, unit: str
 
 
 def targets(res: Dict[str, Optional[dict]]) -> List[Dict[str, object]]:
-    """The issue's five targets from the benchmarks' JSON (None = not measured)."""
+    """The benchmark targets from the benchmarks' JSON (None = not measured)."""
     tt, sa, pl, me = (res.get(k) for k in ("train_throughput", "sampling", "pipeline", "memory"))
     fp32 = _row(tt, "cifar b16 fp32")
     ratio = ((tt or {}).get("ratios") or {}).get("cifar b16: bf16 / fp32")
@@ -48,6 +48,9 @@ def targets(res: Dict[str, Optional[dict]]) -> List[Dict[str, object]]:
     base = "speedup_vs_ddpm1000"
     one = _row(pl, "S4 M1 grouped 1dev")
     off, on = _row(me, "S4 M8 grouped"), _row(me, "S4 M8 grouped rc")
+
+    ratios = [r["host_vs_tf"] for r in (me or {}).get("rows", []) if "host_vs_tf" in r]
+    worst = 1.0 - max(abs(r - 1.0) for r in ratios) if ratios else None
 
     def mem_ratio(key: str) -> Optional[float]:
         if not (off and on and key in off and key in on):
@@ -67,6 +70,8 @@ def targets(res: Dict[str, Optional[dict]]) -> List[Dict[str, object]]:
                 mem_ratio("tf_peak_mib"), 1.0 + 1e-9, "> 1 means recompute lowers the peak"),
         _target("recompute off / on, steady-state peak RSS (S=4, M=8 grouped)",
                 mem_ratio("peak_rss_steps_mib"), 1.0 + 1e-9, "> 1 means recompute lowers the peak"),
+        _target("memory.py estimate vs TF allocator peak, worst row (memory.json)", worst, 0.75,
+                "1 - max |host estimate / peak - 1|; >= 0.75 is within 25%", "fraction"),
     ]
 
 
@@ -104,7 +109,8 @@ def headline(res: Dict[str, Optional[dict]]) -> List[List[str]]:
     for r in (me or {}).get("rows", []):
         add(f"memory {r.get('preset', 'digits')} {r['label']} TF peak (MiB; estimate "
             f"{r.get('host_estimate_mib', r['estimate_mib']):.0f})", r.get("tf_peak_mib"), "{:.0f}", me)
-        add(f"memory {r['label']} steps peak RSS (MiB)", r.get("peak_rss_steps_mib"), "{:.0f}", me)
+        add(f"memory {r.get('preset', 'digits')} {r['label']} steps peak RSS (MiB)",
+            r.get("peak_rss_steps_mib"), "{:.0f}", me)
     return rows
 
 
