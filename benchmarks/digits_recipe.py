@@ -288,11 +288,12 @@ def chart(payload: dict, budget: int) -> str:
             # the time of the default's steps: every run ends at the budget by construction
             secs = [s / run["steps"] * budget for s, _ in pts]
             # the checkpoints are scored with the run's eval sampler: one line style each
-            label = f"{recipe}, {_own_sampler(run)}"
+            own = _own_sampler(run)
+            label = f"{recipe}, {own}"
             for ax, key in zip(axes, ("fid", "precision")):
                 ax.plot(secs, [p[key] for _, p in pts], marker="o", lw=1.2,
                         color=f"C{sorted(RECIPES).index(recipe) % 10}",
-                        ls=("-", "--", ":", "-.")[samplers.index(_own_sampler(run)) % 4],
+                        ls=("-", "--", ":", "-.")[samplers.index(own) % 4],
                         label=None if label in labelled else label, alpha=0.8)
             labelled.add(label)
             floor = run["metrics"]["eval"]
