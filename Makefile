@@ -13,10 +13,10 @@ SET_FLAGS := $(foreach s,$(SET),--set $(s))
 VERBOSE_FLAG := $(if $(VERBOSE),--verbose,)
 # Tests and benchmarks: TensorFlow's C++ info and warning lines off, errors kept. The CLI
 # targets (train, sample, train-ipu) leave it to the CLI's quiet start.
-test test-keras3 test-keras2 lint soak bench bench-diffusers bench-torch bench-recipes: export TF_CPP_MIN_LOG_LEVEL ?= 2
+test test-keras3 test-keras2 lint soak bench bench-diffusers bench-torch bench-recipes bench-sampling: export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: setup test test-keras3 test-keras2 lint soak train sample train-ipu bench bench-diffusers \
-	bench-torch bench-recipes
+	bench-torch bench-recipes bench-sampling
 
 # requirements.txt first, then the project itself, editable (pyproject.toml; the
 # ipu-diffusion command in .venv/bin). No build isolation: the venv's setuptools builds it,
@@ -109,6 +109,13 @@ TORCH_BENCH_ARGS ?=
 bench-torch: $(TORCH_STAMP)
 	$(TORCH_VENV)/bin/python benchmarks/torch_cifar_step.py --precision fp32 bf16 \
 		--out $(TORCH_BENCH_OUT) $(TORCH_BENCH_ARGS)
+
+# Whole-process sampling, back to back: `sample --num 1000` (DDIM-50, fp32 and bf16) against
+# diffusers' DDIMPipeline on the same-size UNet2DModel (benchmarks/sampling_process.py;
+# ~10 min on 2 cores). SAMPLING_ARGS e.g. --rounds 5 or --workdir runs/digits.
+SAMPLING_ARGS ?=
+bench-sampling: $(STAMP) $(TORCH_STAMP)
+	$(PYTHON) benchmarks/sampling_process.py $(SAMPLING_ARGS)
 
 # The digits recipe experiment: each recipe trained in the time of RECIPE_BUDGET default
 # steps (make train's 3,000 by default) and scored like make train, with its checkpoints at

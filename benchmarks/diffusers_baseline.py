@@ -135,6 +135,17 @@ def _write_json(path: str, data: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- train (torch)
 
 
+def digits_unet2d(unet2d_model):
+    """diffusers' ``UNet2DModel`` shrunk to the project's digits U-Net (1,112,801
+    parameters; see the module doc)."""
+    return unet2d_model(
+        sample_size=IMAGE_SIZE, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8)
+
+
 def cmd_train(args) -> int:
     torch = start_torch(args.omp_wait_policy, args.threads, args.seed)  # see --omp-wait-policy
     import torch.nn.functional as F
@@ -151,12 +162,7 @@ def cmd_train(args) -> int:
         torch.utils.data.TensorDataset(data), batch_size=args.batch_size, shuffle=True,
         num_workers=0, generator=torch.Generator().manual_seed(args.seed))
 
-    model = UNet2DModel(
-        sample_size=IMAGE_SIZE, in_channels=1, out_channels=1, layers_per_block=1,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8)
+    model = digits_unet2d(UNet2DModel)
     params = sum(p.numel() for p in model.parameters())
     ema = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
                    inv_gamma=args.ema_inv_gamma, power=args.ema_power,

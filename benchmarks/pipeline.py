@@ -5,12 +5,14 @@ schedules grouped / interleaved / sequential, recompute on/off, M microbatches.
     FULL=1 .venv/bin/python benchmarks/pipeline.py   # every schedule, recompute, M = 1..16
 
 Each configuration is a run built by ``build_run`` with ``pipeline.*`` overrides (the
-placed ``pipeline.fallback`` executor, stages balanced by FLOPs) and timed as one
-``DiffusionTrainer.train_step`` on the same global batch, interleaved with the unsplit
+placed ``pipeline.fallback`` executor, stages balanced by FLOPs) and timed over four
+``DiffusionTrainer.train_step`` calls per round on the same global batch, interleaved with the unsplit
 run; ``relative`` = img/s / unsplit img/s per round (median over rounds). Logical CPU
 devices share the same cores, so this measures the split's overhead (smaller per-op
 batches, control dependencies, per-stage tapes), never a speed-up. ``S4 M1 1dev`` maps
-all four stages to one device (``pipeline.device_mapping=[0,0,0,0]``).
+all four stages to one device (``pipeline.device_mapping=[0,0,0,0]``). ``S4 M4 grouped``
+runs each stage's 4 microbatches as one batch (``pipeline.fuse_microbatches``, the
+default there); ``unfused`` runs them one by one, as the schedule is written.
 Writes ``results/pipeline.json`` and ``results/pipeline.png``.
 """
 from __future__ import annotations
@@ -25,10 +27,12 @@ Case = Tuple[str, Sequence[str]]
 
 
 def pipe(stages: int, m: int, schedule: str = "grouped", recompute: bool = False,
-         one_device: bool = False) -> Case:
-    label = f"S{stages} M{m} {schedule}{' rc' if recompute else ''}{' 1dev' if one_device else ''}"
+         one_device: bool = False, fuse: bool = True) -> Case:
+    label = (f"S{stages} M{m} {schedule}{' rc' if recompute else ''}"
+             f"{' 1dev' if one_device else ''}{' unfused' if not fuse else ''}")
     sets = [f"pipeline.stages={stages}", f"pipeline.microbatches={m}",
-            f"pipeline.schedule={schedule}", f"pipeline.recompute={str(recompute).lower()}"]
+            f"pipeline.schedule={schedule}", f"pipeline.recompute={str(recompute).lower()}",
+            f"pipeline.fuse_microbatches={str(fuse).lower()}"]
     if one_device:
         sets.append(f"pipeline.device_mapping={[0] * stages}")
     return label, sets
@@ -37,7 +41,7 @@ def pipe(stages: int, m: int, schedule: str = "grouped", recompute: bool = False
 def cases(full: bool) -> List[Case]:
     out = [("S1 unsplit", ["pipeline.stages=1"]),
            pipe(2, 1), pipe(4, 1, one_device=True), pipe(4, 1),
-           pipe(4, 4), pipe(4, 4, recompute=True)]
+           pipe(4, 4), pipe(4, 4, fuse=False), pipe(4, 4, recompute=True)]
     if full:
         out += [pipe(2, 4, "interleaved"), pipe(4, 4, "interleaved"), pipe(4, 4, "sequential"),
                 pipe(4, 4, "interleaved", True), pipe(4, 4, "sequential", True)]
@@ -61,7 +65,7 @@ def measure(preset: str, batch: int, selected: Sequence[Case], rounds: int, log=
                        "devices": list(ex.devices) if ex else ["(default)"],
                        "ranges": [list(r) for r in ex.partition.ranges] if ex else None}
     cores: Dict[str, List[float]] = {}
-    secs = bl.interleaved(fns, rounds, calls=1, warmup=1, log=log, cores=cores)
+    secs = bl.interleaved(fns, rounds, calls=4, warmup=1, log=log, cores=cores)
     base = secs[selected[0][0]]
     rows = []
     for label, _ in selected:
@@ -83,7 +87,7 @@ def main() -> Dict[str, object]:
     full = bl.full_mode()
     env = bl.environment()
     bl.log(f"pipeline: digits, batch {BATCH}, load {os.getloadavg()[0]:.2f}")
-    rows = measure("digits", BATCH, cases(full), rounds=5 if full else 3, log=bl.log)
+    rows = measure("digits", BATCH, cases(full), rounds=7 if full else 5, log=bl.log)
     env["loadavg_end"] = list(os.getloadavg())
     payload = {"benchmark": "pipeline", "environment": env, "preset": "digits", "rows": rows,
                "notes": "logical CPU devices share the same cores: relative < 1 is the "

@@ -106,6 +106,9 @@ class PipelineConfig:
     recompute: bool = False
     device_mapping: Tuple[int, ...] = ()  # stage s -> device; empty = 0..S-1
     device_type: Literal["auto", "cpu", "gpu"] = "auto"
+    # Fallback only: with schedule grouped, recompute off and every stage on a CPU of this
+    # host, each stage runs its M microbatches as one batch (the same update; see fallback.py)
+    fuse_microbatches: bool = True
 
 
 @dataclass(frozen=True)

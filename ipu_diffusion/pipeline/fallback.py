@@ -20,6 +20,15 @@ so inside a ``tf.function`` the graph runs in the schedule's order and the sched
 decides which microbatches' activations are alive. Randomness is per-example and keyed
 (ipu_diffusion.rng), so microbatching and recomputation reproduce the full-batch numbers.
 
+Fused microbatches (``pipeline.fuse_microbatches``, on by default): under ``grouped``
+without recomputation a stage holds all M microbatches' activations from its first
+forward to its last backward anyway, and stages on CPUs of one host share the same cores,
+so nothing overlaps. There each stage runs its M microbatches as one batch of B
+(:func:`fuses_microbatches`): the same update (per-example keyed randomness; per-example
+losses seeded with 1/B), the same activations held, without M times the per-op overhead of
+batches of B/M. Interleaved and sequential schedules, recomputation, and stages on GPUs
+(which can overlap) keep the microbatch-by-microbatch execution.
+
     executor = build_executor(unet, objective, cfg.pipeline, global_batch=128)
     loss, grads, stats = executor.gradients({"x0": x0, "key": keys}, training=True)
     optimizer.apply_gradients(zip(grads, executor.variables))
@@ -77,6 +86,13 @@ def _gate_dict(carry: Carry, deps: Sequence[Any]) -> Carry:
     return dict(zip(keys, _gate([carry[k] for k in keys], deps)))
 
 
+def fuses_microbatches(pipeline: PipelineConfig, devices: Sequence[str]) -> bool:
+    """Whether the executor runs each stage's M microbatches as one batch (module doc)."""
+    return (bool(pipeline.fuse_microbatches) and pipeline.microbatches > 1
+            and pipeline.schedule == "grouped" and not pipeline.recompute
+            and all(tf.DeviceSpec.from_string(d).device_type in (None, "CPU") for d in devices))
+
+
 def _dense(g: Any) -> tf.Tensor:
     return tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
 
@@ -124,9 +140,12 @@ class PipelineExecutor:
         self._model_keys = [(live[a], live[b]) for a, b in partition.ranges]
         self.variables = list(unet.trainable_variables)
         self.stage_variables = self._assign_variables()
-        self.tasks: List[Task] = schedule_tasks(pipeline.schedule, self.num_stages,
-                                                self.microbatches)
-        self.in_flight = max_in_flight(self.tasks, self.num_stages)
+        self.fused = fuses_microbatches(pipeline, self.devices)
+        self.runs = 1 if self.fused else self.microbatches  # batches each stage runs
+        self.tasks: List[Task] = schedule_tasks(pipeline.schedule, self.num_stages, self.runs)
+        # microbatches each stage holds at its peak under the schedule (fused: the same data)
+        self.in_flight = max_in_flight(schedule_tasks(pipeline.schedule, self.num_stages,
+                                                      self.microbatches), self.num_stages)
         self.sent_keys: List[Tuple[str, ...]] = []  # recorded while running: keys F(s) sent
         misplaced = self.misplaced_variables()
         if misplaced:
@@ -249,7 +268,8 @@ class PipelineExecutor:
     # ------------------------------------------------------------------ a step
 
     def split(self, batch: Mapping[str, tf.Tensor]) -> List[Carry]:
-        """The batch keys stage 0 needs, split into M microbatches along axis 0."""
+        """The batch keys stage 0 needs, split into M microbatches along axis 0 (one part
+        when the microbatches are fused)."""
         missing = [k for k in self.partition.batch_keys if k not in batch]
         if missing:
             raise ValueError(f"the batch lacks {missing}; stage 0 needs {self.partition.batch_keys}")
@@ -262,8 +282,8 @@ class PipelineExecutor:
                 if n is not None and n % m:
                     raise ConfigError(f"pipeline.microbatches: a batch of {n} examples does "
                                       f"not split into {m} equal microbatches")
-                parts[k] = [x] if m == 1 else tf.split(x, m, axis=0)
-        return [{k: parts[k][i] for k in parts} for i in range(m)]
+                parts[k] = [x] if self.runs == 1 else tf.split(x, m, axis=0)
+        return [{k: parts[k][i] for k in parts} for i in range(self.runs)]
 
     def gradients(self, batch: Mapping[str, tf.Tensor], training: Any = True,
                   loss_scale: Optional[Any] = None):
@@ -299,8 +319,8 @@ class PipelineExecutor:
                 v = self.variables[i]
                 grads[i] = tf.zeros(v.shape, v.dtype)
         with tf.device(self.devices[-1]):
-            results = [st.results[m] for m in range(self.microbatches)]
-            stats = {k: tf.concat([r[k] for r in results], axis=0) if self.microbatches > 1
+            results = [st.results[m] for m in range(self.runs)]
+            stats = {k: tf.concat([r[k] for r in results], axis=0) if self.runs > 1
                      else results[0][k] for k in self.partition.final_outputs}
             loss = tf.reduce_sum(tf.cast(stats[LOSS_KEY], tf.float32)) / total
         return loss, grads, stats

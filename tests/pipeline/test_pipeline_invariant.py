@@ -55,8 +55,9 @@ def test_pipelined_gradient_equals_full_batch_gradient(fake, stages, micro, sche
         pytest.skip(KERAS2_CORNER)
     unet, batch, ref_loss, ref, cache = fake
     pipeline = PipelineConfig(stages=stages, cuts=FAKE_CUTS[stages], microbatches=micro,
-                              schedule=schedule, recompute=recompute)
+                              schedule=schedule, recompute=recompute, fuse_microbatches=False)
     part, ex = _executor(unet, pipeline, cache)
+    assert not ex.fused and len(ex.tasks) == 2 * stages * micro
     loss, grads, stats = ex.gradients(batch, training=True)
     assert max_relative_error(grads, ref) <= TOL
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
@@ -65,6 +66,37 @@ def test_pipelined_gradient_equals_full_batch_gradient(fake, stages, micro, sche
     assert ex.sent_keys == [brute_force_crossing(part.chain, part.chain_range(s)[0], ("loss",))
                             for s in range(1, stages)]
     assert ex.in_flight == [stash_depth(schedule, stages, s, micro) for s in range(stages)]
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_fused_microbatches_give_the_full_batch_gradient(fake, stages):
+    """pipeline.fuse_microbatches (the default): grouped, no recompute, stages on this
+    host's CPUs -> each stage runs the M microbatches as one batch, one task per stage
+    and direction, with the same gradient; the schedule's stash depth is still M."""
+    unet, batch, ref_loss, ref, cache = fake
+    pipeline = PipelineConfig(stages=stages, cuts=FAKE_CUTS[stages], microbatches=4)
+    part, ex = _executor(unet, pipeline, cache)
+    assert ex.fused and len(ex.tasks) == 2 * stages
+    assert [len(m["x0"]) for m in ex.split(batch)] == [8]
+    assert ex.in_flight == [4] * stages
+    loss, grads, stats = ex.gradients(batch, training=True)
+    assert max_relative_error(grads, ref) <= TOL
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+    assert stats["loss"].shape == (8,)
+
+
+@pytest.mark.parametrize("change", [dict(schedule="interleaved"), dict(schedule="sequential"),
+                                    dict(recompute=True), dict(microbatches=1),
+                                    dict(fuse_microbatches=False)])
+def test_microbatches_are_fused_only_where_the_schedule_allows(change):
+    from ipu_diffusion.pipeline.fallback import fuses_microbatches
+
+    cpus = ["/job:localhost/replica:0/task:0/device:CPU:0", "/device:CPU:1"]
+    grouped = dict(stages=2, microbatches=4, schedule="grouped")
+    assert fuses_microbatches(PipelineConfig(**grouped), cpus)
+    assert not fuses_microbatches(PipelineConfig(**{**grouped, **change}), cpus)
+    # GPUs can overlap stages: there the microbatches stay apart
+    assert not fuses_microbatches(PipelineConfig(**grouped), ["/device:GPU:0", "/device:GPU:1"])
 
 
 def test_dropout_is_active(fake):
