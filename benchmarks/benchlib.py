@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from machine import cpu_flags, cpu_model, cpu_seconds, summary  # noqa: E402,F401 (re-exported)
+from machine import bar_chart, cpu_flags, cpu_model, cpu_seconds, summary  # noqa: E402,F401 (re-exported)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CONFIGS = os.path.join(ROOT, "pipeline_configs")
@@ -191,36 +191,6 @@ def read_json(name: str) -> Optional[Dict[str, object]]:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def bar_chart(path: str, labels: Sequence[str], values: Sequence[float],
-              lows: Optional[Sequence[float]] = None, highs: Optional[Sequence[float]] = None,
-              ylabel: str = "", title: str = "", hline: Optional[float] = None,
-              hline_label: str = "") -> str:
-    """A bar chart with min..max whiskers (Agg backend) at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(labels) + 2), 3.6))
-    x = np.arange(len(labels))
-    err = None
-    if lows is not None and highs is not None:
-        err = [np.maximum(np.subtract(values, lows), 0), np.maximum(np.subtract(highs, values), 0)]
-    ax.bar(x, values, yerr=err, capsize=3, color="#4477aa")
-    if hline is not None:
-        ax.axhline(hline, color="#cc3311", ls="--", lw=1, label=hline_label)
-        ax.legend(loc="best", fontsize=8)
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def chart_path(name: str) -> str:

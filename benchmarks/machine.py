@@ -8,7 +8,7 @@ import os
 import platform
 import statistics
 import sys
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 
 def cpu_model() -> str:
@@ -62,3 +62,34 @@ def start_torch(omp_wait_policy: str, threads: int, seed: int):
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     return torch
+
+
+def bar_chart(path: str, labels: Sequence[str], values: Sequence[float],
+              lows: Optional[Sequence[float]] = None, highs: Optional[Sequence[float]] = None,
+              ylabel: str = "", title: str = "", hline: Optional[float] = None,
+              hline_label: str = "") -> str:
+    """A bar chart with min..max whiskers (Agg backend) at ``path``."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(labels) + 2), 3.6))
+    x = np.arange(len(labels))
+    err = None
+    if lows is not None and highs is not None:
+        err = [np.maximum(np.subtract(values, lows), 0), np.maximum(np.subtract(highs, values), 0)]
+    ax.bar(x, values, yerr=err, capsize=3, color="#4477aa")
+    if hline is not None:
+        ax.axhline(hline, color="#cc3311", ls="--", lw=1, label=hline_label)
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

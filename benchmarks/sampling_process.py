@@ -37,7 +37,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from machine import cpu_model, summary  # no TF, no torch
+from machine import bar_chart, cpu_model, summary  # no TF, no torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -131,28 +131,11 @@ def cmd_compare(args) -> int:
     with open(os.path.join(RESULTS, "sampling_process.json"), "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
-    _chart(rows, args)
+    bar_chart(os.path.join(RESULTS, "sampling_process.png"), [r["name"] for r in rows],
+              [r["seconds"]["median"] for r in rows], [r["seconds"]["min"] for r in rows],
+              [r["seconds"]["max"] for r in rows], ylabel="seconds, whole process",
+              title=f"{args.num} DDIM-{args.steps} digits samples, {args.rounds} rounds")
     return 0
-
-
-def _chart(rows, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.2, 3.4))
-    med = [r["seconds"]["median"] for r in rows]
-    err = [[m - r["seconds"]["min"] for m, r in zip(med, rows)],
-           [r["seconds"]["max"] - m for m, r in zip(med, rows)]]
-    ax.bar(range(len(rows)), med, yerr=err, capsize=3, color=["#4477aa", "#66ccee", "#bbbbbb"])
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r["name"] for r in rows])
-    ax.set_ylabel("seconds, whole process")
-    ax.set_title(f"{args.num} DDIM-{args.steps} digits samples, {args.rounds} rounds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "sampling_process.png"), dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
