@@ -58,17 +58,33 @@ class FusedAdam(keras.optimizers.Adam):
     epsilon added to sqrt(v) after the bias correction of the step size), the slots are
     Keras' (same checkpoint), and tracing the update takes half the time."""
 
+    def _step_scalars(self, dtype, learning_rate) -> Dict[str, tf.Tensor]:
+        """The kernel's scalar inputs, made once per ``apply`` and dtype rather than once
+        per variable (a step's update then traces in less time, as fewer ops): Keras 3
+        passes every ``update_step`` of one ``apply`` the same ``learning_rate``."""
+        graph = tf.compat.v1.get_default_graph()
+        memo = self.__dict__.get("_scalar_memo")  # a plain object: not checkpoint-tracked
+        if (memo is None or tf.executing_eagerly() or memo.graph is not graph
+                or memo.learning_rate is not learning_rate):
+            memo = _ScalarMemo(graph, learning_rate)
+            self.__dict__["_scalar_memo"] = memo
+        if dtype not in memo.by_dtype:
+            step = tf.cast(self.iterations + 1, dtype)
+            b1, b2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+            memo.by_dtype[dtype] = dict(
+                beta1_power=tf.pow(b1, step), beta2_power=tf.pow(b2, step),
+                lr=tf.cast(learning_rate, dtype), beta1=b1, beta2=b2,
+                epsilon=tf.cast(self.epsilon, dtype))
+        return memo.by_dtype[dtype]
+
     def _fused_update(self, gradient, variable, learning_rate) -> None:
         dtype = variable.dtype
         index = (self._get_variable_index(variable) if IS_KERAS3
                  else self._index_dict[self._var_key(variable)])
         m, v = self._momentums[index], self._velocities[index]
-        step = tf.cast(self.iterations + 1, dtype)
-        b1, b2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
-        tf.raw_ops.ResourceApplyAdam(
-            var=_handle(variable), m=_handle(m), v=_handle(v), beta1_power=tf.pow(b1, step),
-            beta2_power=tf.pow(b2, step), lr=tf.cast(learning_rate, dtype), beta1=b1, beta2=b2,
-            epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
+        tf.raw_ops.ResourceApplyAdam(var=_handle(variable), m=_handle(m), v=_handle(v),
+                                     grad=tf.cast(gradient, dtype),
+                                     **self._step_scalars(dtype, learning_rate))
 
     if IS_KERAS3:
         def update_step(self, gradient, variable, learning_rate):
@@ -100,6 +116,13 @@ class FusedAdam(keras.optimizers.Adam):
             if self._reduced:
                 return list(grads_and_vars)
             return super()._all_reduce_sum_gradients(grads_and_vars)
+
+
+class _ScalarMemo:
+    """:meth:`FusedAdam._step_scalars`' tensors of one traced ``apply``."""
+
+    def __init__(self, graph, learning_rate):
+        self.graph, self.learning_rate, self.by_dtype = graph, learning_rate, {}
 
 
 def _handle(variable):
@@ -151,10 +174,12 @@ class EMA(tf.Module):
     def update(self, variables: List[Any], n, active=True) -> None:
         """One EMA step after update ``n``; with ``active`` false (a skipped step) the
         shadow is left exactly as it is."""
-        decay = ema_decay_at(self.decay, n)
+        # s <- s - (1 - decay) * (s - v) in one kernel per variable; a skipped step has
+        # rate 0 and leaves s bit for bit (s - v is finite: the weights were not updated)
+        rate = (1.0 - ema_decay_at(self.decay, n)) * tf.cast(active, tf.float32)
         for s, v in zip(self.shadow, variables):
-            new = decay * s + (1.0 - decay) * tf.cast(tf.convert_to_tensor(v), s.dtype)
-            s.assign(tf.where(active, new, s))
+            tf.raw_ops.ResourceApplyGradientDescent(
+                var=s.handle, alpha=rate, delta=s - tf.cast(tf.convert_to_tensor(v), s.dtype))
 
     def copy_to(self, variables: List[Any]) -> None:
         for s, v in zip(self.shadow, variables):
