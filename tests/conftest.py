@@ -48,7 +48,6 @@ FILE_SECONDS = {
     "tests/guidance/test_guidance_classifier.py": 27,
     "tests/training/test_resume_config.py": 24,
     "tests/pipeline/test_pipeline_invariant.py": 23,
-    "tests/ipu/test_ipu_device_dtypes.py": 23,  # Keras 2 only
     "tests/training/test_mixed_precision_step.py": 22,
     "tests/ipu/test_ipu_train_keras2.py": 19,  # Keras 2 only
     "tests/models/test_models_unet.py": 17,

@@ -16,7 +16,7 @@ import sdk_options
 import sdk_stages
 import tensorflow as tf
 from ipu_testlib import batch, small_config
-from sdk_dtypes import non_ipu_dtypes
+from sdk_dtypes import format_violations, non_ipu_dtypes
 
 from ipu_diffusion._keras import IS_KERAS3, keras
 from ipu_diffusion.config import ConfigError
@@ -169,21 +169,41 @@ def test_ipu_train_function_compiles_with_xla_and_equals_the_fallback(small_net)
                                    atol=1e-6)
 
 
+# (id, config overrides, class dropout, precision) on top of ipu_testlib's small config:
+# every objective the IPU path trains (loss_aware is refused there: ipu_plan.py)
+DTYPE_VARIANTS = [
+    ("eps_mse", ["model.num_classes=0", "data.use_labels=false"], 0.0, "float32"),
+    ("v_min_snr", ["model.num_classes=0", "data.use_labels=false", "diffusion.mean_type=v",
+                   "diffusion.min_snr_gamma=5.0"], 0.0, "float32"),
+    ("learned_range_hybrid", ["model.num_classes=0", "data.use_labels=false",
+                              "diffusion.var_type=learned_range", "model.learn_sigma=true",
+                              "diffusion.loss_type=hybrid"], 0.0, "float32"),
+    ("conditional_class_dropout", ["diffusion.schedule=linear"], 0.3, "float32"),
+    ("conditional_mixed_float16", [], 0.3, "mixed_float16"),
+]
+
+
 @keras2_only
-@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
-def test_ipu_training_step_uses_only_ipu_dtypes(precision):
+@pytest.mark.parametrize("overrides,class_dropout,precision", [v[1:] for v in DTYPE_VARIANTS],
+                         ids=[v[0] for v in DTYPE_VARIANTS])
+def test_ipu_training_step_uses_only_ipu_dtypes(overrides, class_dropout, precision):
     """The device side of one IPU training step as the fork traces it (``_ipu_train_step``:
-    model, compiled loss, ``get_gradients`` through the optimizer wrapper, ``apply_gradients``
-    with the EMA slot update) contains only int32/int64/float32/float16/bool."""
+    model with the forward diffusion's per-example rng draws and q_sample, dropout on,
+    compiled loss, ``get_gradients`` through the optimizer wrapper, ``apply_gradients`` with
+    the EMA slot update, in its function library the jit-compiled masks, gradient functions
+    and cond branches) computes only in int32/int64/float32/float16/bool. A uint32 hash or
+    a float64 schedule table runs on CPU but does not compile on an IPU; this is the only
+    place the CPU suite can see it."""
     from ipu_diffusion.models.unet import build_unet
     from ipu_diffusion.training.objective import DiffusionObjective
     from ipu_diffusion.training.trainer import build_optimizer_state
 
     keras.mixed_precision.set_global_policy(precision)
     try:
-        cfg = small_config(f"training.precision={precision}")
-        unet = build_unet(cfg.model)
-        objective = DiffusionObjective(cfg.diffusion, 10, class_dropout=0.3)
+        cfg = small_config(f"training.precision={precision}", *overrides)
+        unet = build_unet(cfg.model, zero_init=False)
+        num_classes = cfg.model.num_classes if cfg.data.use_labels else 0
+        objective = DiffusionObjective(cfg.diffusion, num_classes, class_dropout=class_dropout)
         part = partition_unet(unet, cfg.pipeline, objective.front_spec, objective.loss_spec)
         plan = ipu_plan(cfg, part)
         model, _ = ipu.compose_training_model(unet, objective, part)
@@ -198,11 +218,40 @@ def test_ipu_training_step_uses_only_ipu_dtypes(precision):
             opt.apply_gradients(zip(grads, variables))
             return loss
 
+        micro = {k: v for k, v in batch(8).items() if k in part.batch_keys}
         bad = non_ipu_dtypes(step.get_concrete_function(
-            {k: tf.TensorSpec(v.shape, v.dtype) for k, v in batch(8).items()}))
+            {k: tf.TensorSpec(v.shape, v.dtype) for k, v in micro.items()}))
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    assert not bad, bad[:10]
+    assert not bad, "dtypes the IPU does not compile:\n" + format_violations(bad)
+
+
+def test_checker_sees_nested_functions_and_attrs():
+    """The walker reaches a jit-compiled tf.function inside a cond branch and reports a
+    uint32 bitcast, a float64 constant and a bfloat16 cast; int64 and bool pass."""
+
+    @tf.function(jit_compile=True)
+    def inner(x):
+        return tf.bitcast(tf.bitcast(x, tf.uint32) ^ tf.constant(1, tf.uint32), tf.int32)
+
+    @tf.function
+    def outer(x, flag):
+        y = tf.cond(flag, lambda: inner(x), lambda: x)
+        z = tf.cast(tf.cast(y, tf.float32) * tf.cast(tf.constant(0.5, tf.float64), tf.float32),
+                    tf.bfloat16)
+        return tf.cast(z, tf.float32) + tf.cast(tf.cast(y, tf.int64), tf.float32)
+
+    found = non_ipu_dtypes(outer.get_concrete_function(tf.TensorSpec([3], tf.int32),
+                                                       tf.TensorSpec([], tf.bool)))
+    dtypes = {d for _, _, d in found}
+    assert dtypes == {"uint32", "float64", "bfloat16"}, found
+    assert any("/" in where and op == "Bitcast" for where, op, _ in found), found  # in the library
+
+    @tf.function
+    def clean(x):
+        return tf.cast(tf.cast(x, tf.int64) * 3, tf.float16) > 0
+
+    assert non_ipu_dtypes(clean.get_concrete_function(tf.TensorSpec([3], tf.int32))) == []
 
 
 # --------------------------------------------------------------------------- gradients
