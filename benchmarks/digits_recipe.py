@@ -55,6 +55,7 @@ RECIPES: Dict[str, List[str]] = {
     "minsnr5": ["diffusion.min_snr_gamma=5"],
     "vpred": ["diffusion.mean_type=v"],
     "ema999": ["training.ema_decay=0.999"],
+    "ema999_minsnr5": ["training.ema_decay=0.999", "diffusion.min_snr_gamma=5"],
     "dropout0": ["model.dropout=0"],
     "noattn": ["model.attn_resolutions=[]"],
     "ch48": ["model.ch=48"],

@@ -4,6 +4,7 @@ the per-step overhead of the compiled sampling loop over a bare forward pass.
     .venv/bin/python benchmarks/sampling.py          # quick: batch 8, DDIM 50 and 10, 3 rounds
     FULL=1 .venv/bin/python benchmarks/sampling.py   # batch 64, DDIM 100/50/20/10, 5 rounds
     .venv/bin/python benchmarks/sampling.py precision   # only float32 vs bfloat16 (below)
+    .venv/bin/python benchmarks/sampling.py guidance    # only the cost of classifier-free guidance
 
 Chains are ``diffusion.sampling.sample`` (one compiled ``tf.while_loop`` with the network
 inside; DDIM respaces the 1000-step cosine diffusion uniformly) over
@@ -17,8 +18,15 @@ The network is untrained (sampling cost does not depend on the weights).
 and in bfloat16 (``eval.precision`` / ``sample --precision bfloat16``), interleaved;
 ``bf16_speedup`` = float32 seconds / bfloat16 seconds per round. What bfloat16 does to
 sample quality is measured on a trained run by ``digits_recipe.py --samplers ddim50_bf16``.
+``guidance``: what classifier-free guidance costs per step on the class-conditional digits
+network (``digits_cond``): the same DDIM chain with plain conditional sampling (one pass at
+batch B), with CFG as the package runs it (ONE pass over the doubled batch 2B,
+``guidance.cfg_guide``) and with CFG as two separate passes of B, interleaved, at batch 8
+(latency-bound) and at ``eval.batch_size`` (compute-bound); ``cfg_cost`` = CFG seconds /
+conditional seconds per round.
 Writes ``results/sampling.json`` and ``results/sampling.png`` (``precision`` alone:
-``results/sampling_precision.json``, quick DDIM-10 x 5 rounds or FULL DDIM-50 x 7).
+``results/sampling_precision.json``, quick DDIM-10 x 5 rounds or FULL DDIM-50 x 7;
+``guidance`` alone: ``results/sampling_guidance.json``).
 """
 from __future__ import annotations
 
@@ -114,6 +122,49 @@ def precision_rows(cfg, steps: int, rounds: int, log=None) -> Dict[str, object]:
     return out
 
 
+def guidance_rows(cfg, steps: int, batches, rounds: int, log=None) -> Dict[str, object]:
+    """Per batch size: seconds of conditional, CFG-batched and CFG-two-pass DDIM chains of
+    the untrained class-conditional network of ``cfg``, interleaved."""
+    from ipu_diffusion.diffusion import guidance, sampling
+    from ipu_diffusion.diffusion.gaussian import GaussianDiffusion
+    from ipu_diffusion.inference.generate import conditional_fn_for
+    from ipu_diffusion.models.unet import build_unet
+
+    m = cfg.model
+    model_fn = conditional_fn_for(build_unet(m, zero_init=False))
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+
+    def two_passes(y, w):  # CFG without the batching: conditional, then null-label pass
+        def denoise(x, t):
+            cond = model_fn(x, t, y)
+            uncond = model_fn(x, t, tf.fill(tf.shape(t), m.num_classes))
+            return uncond + w * (cond - uncond)
+        return denoise, None
+
+    out: Dict[str, object] = {"chain": f"ddim{steps}", "rows": []}
+    for batch in batches:
+        shape = (batch, m.image_size, m.image_size, m.in_channels)
+        guides = {"conditional": guidance.conditional_guide(model_fn),
+                  "cfg": guidance.cfg_guide(model_fn, m.num_classes),
+                  "cfg_two_passes": guidance.Guide("cfg", two_passes)}
+        fns = {}
+        for name, guide in guides.items():
+            guide.set(guidance.cycle_labels(batch, m.num_classes), scale=3.0)
+            fns[name] = (lambda g=guide: sampling.sample(
+                diffusion, g.denoise_fn, shape, sampler="ddim", steps=steps, seed=0))
+        secs = bl.interleaved(fns, rounds, log=log)
+        row = {"batch": batch, "step_s": {k: bl.summary([v / steps for v in s])
+                                          for k, s in secs.items()}}
+        for name in ("cfg", "cfg_two_passes"):
+            row[f"{name}_cost"] = bl.summary([a / b for a, b in zip(secs[name],
+                                                                   secs["conditional"])])
+        out["rows"].append(row)
+        if log:
+            log(f"  batch {batch}: CFG x{row['cfg_cost']['median']:.2f} a conditional step "
+                f"(two passes x{row['cfg_two_passes_cost']['median']:.2f})")
+    return out
+
+
 def main() -> Dict[str, object]:
     full = bl.full_mode()
     cfg = bl.load("digits")
@@ -124,6 +175,9 @@ def main() -> Dict[str, object]:
                   target_s=2.0 if full else 0.5, log=bl.log)
     res["precision"] = precision_rows(cfg, 50 if full else 10, rounds=5 if full else 3,
                                       log=bl.log)
+    cond = bl.load("digits_cond")
+    res["guidance"] = guidance_rows(cond, 10, (8, cond.eval.batch_size),
+                                    rounds=5 if full else 3, log=bl.log)
     env["loadavg_end"] = list(os.getloadavg())
     payload = {"benchmark": "sampling", "environment": env, **res}
     bl.write_json("sampling", payload)
@@ -147,7 +201,24 @@ def main_precision() -> Dict[str, object]:
     return payload
 
 
+def main_guidance() -> Dict[str, object]:
+    """Only the cost of classifier-free guidance, into ``results/sampling_guidance.json``."""
+    full = bl.full_mode()
+    env = bl.environment()
+    cond = bl.load("digits_cond")
+    res = guidance_rows(cond, 50 if full else 10, (8, cond.eval.batch_size),
+                        rounds=7 if full else 5, log=bl.log)
+    env["loadavg_end"] = list(os.getloadavg())
+    payload = {"benchmark": "sampling_guidance", "environment": env, **res}
+    bl.write_json("sampling_guidance", payload)
+    return payload
+
+
 if __name__ == "__main__":
     import sys
 
-    main_precision() if sys.argv[1:] == ["precision"] else main()
+    modes = {"": main, "precision": main_precision, "guidance": main_guidance}
+    mode = " ".join(sys.argv[1:])
+    if mode not in modes:
+        sys.exit(f"usage: sampling.py [precision | guidance], not {mode!r}")
+    modes[mode]()
