@@ -31,7 +31,7 @@ Writes ``results/sampling.json`` and ``results/sampling.png`` (``precision`` alo
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import benchlib as bl
 import tensorflow as tf
@@ -166,52 +166,49 @@ def guidance_rows(cfg, steps: int, batches, rounds: int, log=None) -> Dict[str, 
 
 
 def main() -> Dict[str, object]:
-    full = bl.full_mode()
-    cfg = bl.load("digits")
+    def rows(full):
+        cfg, batch = bl.load("digits"), 64 if full else 8
+        bl.log(f"sampling: digits, batch {batch}, load {os.getloadavg()[0]:.2f}")
+        res = measure(cfg, batch, (100, 50, 20, 10) if full else (50, 10),
+                      rounds=5 if full else 3, target_s=2.0 if full else 0.5, log=bl.log)
+        res["precision"] = precision_rows(cfg, 50 if full else 10, rounds=5 if full else 3,
+                                          log=bl.log)
+        cond = bl.load("digits_cond")
+        res["guidance"] = guidance_rows(cond, 10, (8, cond.eval.batch_size),
+                                        rounds=5 if full else 3, log=bl.log)
+        return res
+
+    payload = _write("sampling", rows)
+    table = payload["rows"]
+    bl.bar_chart(bl.chart_path("sampling"), [r["name"] for r in table],
+                 [r["img_per_s"]["median"] for r in table], [r["img_per_s"]["min"] for r in table],
+                 [r["img_per_s"]["max"] for r in table], ylabel="images / s",
+                 title=f"digits sampling, batch {payload['batch']} (compiled chains)")
+    return payload
+
+
+def _write(name: str, rows: Callable[[bool], Dict[str, object]]) -> Dict[str, object]:
+    """``rows(FULL=1?)`` with the machine state before and after, into ``results/<name>.json``."""
     env = bl.environment()
-    batch = 64 if full else 8
-    bl.log(f"sampling: digits, batch {batch}, load {os.getloadavg()[0]:.2f}")
-    res = measure(cfg, batch, (100, 50, 20, 10) if full else (50, 10), rounds=5 if full else 3,
-                  target_s=2.0 if full else 0.5, log=bl.log)
-    res["precision"] = precision_rows(cfg, 50 if full else 10, rounds=5 if full else 3,
-                                      log=bl.log)
-    cond = bl.load("digits_cond")
-    res["guidance"] = guidance_rows(cond, 10, (8, cond.eval.batch_size),
-                                    rounds=5 if full else 3, log=bl.log)
+    res = rows(bl.full_mode())
     env["loadavg_end"] = list(os.getloadavg())
-    payload = {"benchmark": "sampling", "environment": env, **res}
-    bl.write_json("sampling", payload)
-    rows = res["rows"]
-    bl.bar_chart(bl.chart_path("sampling"), [r["name"] for r in rows],
-                 [r["img_per_s"]["median"] for r in rows], [r["img_per_s"]["min"] for r in rows],
-                 [r["img_per_s"]["max"] for r in rows], ylabel="images / s",
-                 title=f"digits sampling, batch {batch} (compiled chains)")
+    payload = {"benchmark": name, "environment": env, **res}
+    bl.write_json(name, payload)
     return payload
 
 
 def main_precision() -> Dict[str, object]:
-    """Only the float32 / bfloat16 comparison, into ``results/sampling_precision.json``."""
-    full = bl.full_mode()
-    env = bl.environment()
-    res = precision_rows(bl.load("digits"), 50 if full else 10, rounds=7 if full else 5,
-                         log=bl.log)
-    env["loadavg_end"] = list(os.getloadavg())
-    payload = {"benchmark": "sampling_precision", "environment": env, **res}
-    bl.write_json("sampling_precision", payload)
-    return payload
+    return _write("sampling_precision", lambda full: precision_rows(
+        bl.load("digits"), 50 if full else 10, rounds=7 if full else 5, log=bl.log))
 
 
 def main_guidance() -> Dict[str, object]:
-    """Only the cost of classifier-free guidance, into ``results/sampling_guidance.json``."""
-    full = bl.full_mode()
-    env = bl.environment()
-    cond = bl.load("digits_cond")
-    res = guidance_rows(cond, 50 if full else 10, (8, cond.eval.batch_size),
-                        rounds=7 if full else 5, log=bl.log)
-    env["loadavg_end"] = list(os.getloadavg())
-    payload = {"benchmark": "sampling_guidance", "environment": env, **res}
-    bl.write_json("sampling_guidance", payload)
-    return payload
+    def rows(full):
+        cond = bl.load("digits_cond")
+        return guidance_rows(cond, 50 if full else 10, (8, cond.eval.batch_size),
+                             rounds=7 if full else 5, log=bl.log)
+
+    return _write("sampling_guidance", rows)
 
 
 if __name__ == "__main__":
