@@ -5,6 +5,7 @@ the per-step overhead of the compiled sampling loop over a bare forward pass.
     FULL=1 .venv/bin/python benchmarks/sampling.py   # batch 64, DDIM 100/50/20/10, 5 rounds
     .venv/bin/python benchmarks/sampling.py precision   # only float32 vs bfloat16 (below)
     .venv/bin/python benchmarks/sampling.py guidance    # only the cost of classifier-free guidance
+    .venv/bin/python benchmarks/sampling.py parts       # only one call vs eval.parallel_calls
 
 Chains are ``diffusion.sampling.sample`` (one compiled ``tf.while_loop`` with the network
 inside; DDIM respaces the 1000-step cosine diffusion uniformly) over
@@ -18,15 +19,19 @@ The network is untrained (sampling cost does not depend on the weights).
 and in bfloat16 (``eval.precision`` / ``sample --precision bfloat16``), interleaved;
 ``bf16_speedup`` = float32 seconds / bfloat16 seconds per round. What bfloat16 does to
 sample quality is measured on a trained run by ``digits_recipe.py --samplers ddim50_bf16``.
+``parts``: the same DDIM chain at the eval batch with the network called once per step
+and in ``eval.parallel_calls`` (at least 2) concurrent calls on parts of the batch;
+``parts_speedup`` = one call's seconds / the parts' seconds per round.
 ``guidance``: what classifier-free guidance costs per step on the class-conditional digits
-network (``digits_cond``): the same DDIM chain with plain conditional sampling (one pass at
-batch B), with CFG as the package runs it (ONE pass over the doubled batch 2B,
-``guidance.cfg_guide``) and with CFG as two separate passes of B, interleaved, at batch 8
-(latency-bound) and at ``eval.batch_size`` (compute-bound); ``cfg_cost`` = CFG seconds /
-conditional seconds per round.
+network (``digits_cond``): the same DDIM chain with plain conditional sampling and with CFG
+as the package runs them (``eval.parallel_calls`` concurrent calls: with 2, CFG's
+conditional and unconditional halves of the doubled batch are the two calls), and CFG as
+one call over the doubled batch, interleaved, at batch 8 (latency-bound) and at
+``eval.batch_size`` (compute-bound); ``cfg_cost`` = CFG seconds / conditional seconds per
+round.
 Writes ``results/sampling.json`` and ``results/sampling.png`` (``precision`` alone:
 ``results/sampling_precision.json``, quick DDIM-10 x 5 rounds or FULL DDIM-50 x 7;
-``guidance`` alone: ``results/sampling_guidance.json``).
+``guidance`` / ``parts`` alone: ``results/sampling_guidance.json`` / ``sampling_parts.json``).
 """
 from __future__ import annotations
 
@@ -37,9 +42,11 @@ import benchlib as bl
 import tensorflow as tf
 
 
-def make_fns(cfg, batch: int, chains: Dict[str, tuple], policy: str = "float32"):
+def make_fns(cfg, batch: int, chains: Dict[str, tuple], policy: str = "float32",
+             parts: int = 0):
     """``{name: zero-arg callable}`` for the forward pass and each ``(sampler, steps)``
-    chain, the network built under the Keras dtype ``policy``."""
+    chain, the network built under the Keras dtype ``policy`` and called in ``parts``
+    concurrent calls (0: ``eval.parallel_calls``, as the package samples)."""
     from ipu_diffusion._keras import keras
     from ipu_diffusion.diffusion import sampling
     from ipu_diffusion.models.unet import build_unet
@@ -51,7 +58,7 @@ def make_fns(cfg, batch: int, chains: Dict[str, tuple], policy: str = "float32")
         unet = build_unet(cfg.model, zero_init=False)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    denoise = denoise_fn_for(unet)
+    denoise = denoise_fn_for(unet, parts=parts or cfg.eval.parallel_calls)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     m = cfg.model
     shape = (batch, m.image_size, m.image_size, m.in_channels)
@@ -106,47 +113,67 @@ def measure(cfg, batch: int, ddim_steps, rounds: int, target_s: float = 1.0, log
             "calls_per_sample": {k: v[1] for k, v in plan.items()}}
 
 
-def precision_rows(cfg, steps: int, rounds: int, log=None) -> Dict[str, object]:
-    """DDIM-``steps`` at the eval batch, network in float32 vs bfloat16, interleaved."""
+def _eval_batch_rows(cfg, steps: int, rounds: int, variants: Dict[str, tuple], log=None):
+    """DDIM-``steps`` at the eval batch for each ``{name: (policy, parts)}``, interleaved:
+    ``(out, seconds)``."""
     batch = cfg.eval.batch_size
     name = f"ddim{steps}"
-    fns = {p: make_fns(cfg, batch, {name: ("ddim", steps)}, policy)[name]
-           for p, policy in (("float32", "float32"), ("bfloat16", "mixed_bfloat16"))}
+    fns = {k: make_fns(cfg, batch, {name: ("ddim", steps)}, policy, parts)[name]
+           for k, (policy, parts) in variants.items()}
     secs = bl.interleaved(fns, rounds, log=log)
-    out = {"batch": batch, "chain": name,
-           "img_per_s": {p: bl.summary([batch / v for v in s]) for p, s in secs.items()},
-           "bf16_speedup": bl.summary([a / b for a, b in zip(secs["float32"], secs["bfloat16"])])}
+    return {"batch": batch, "chain": name,
+            "img_per_s": {k: bl.summary([batch / v for v in s]) for k, s in secs.items()}}, secs
+
+
+def precision_rows(cfg, steps: int, rounds: int, log=None) -> Dict[str, object]:
+    """DDIM-``steps`` at the eval batch, network in float32 vs bfloat16, interleaved."""
+    out, secs = _eval_batch_rows(cfg, steps, rounds, {"float32": ("float32", 0),
+                                                      "bfloat16": ("mixed_bfloat16", 0)}, log)
+    out["bf16_speedup"] = bl.summary([a / b for a, b in zip(secs["float32"], secs["bfloat16"])])
     if log:
-        log(f"  {name} at batch {batch}: bfloat16 x{out['bf16_speedup']['median']:.2f} "
-            f"float32's rate (spread {out['bf16_speedup']['spread']:.0%})")
+        log(f"  {out['chain']} at batch {out['batch']}: bfloat16 x"
+            f"{out['bf16_speedup']['median']:.2f} float32's rate "
+            f"(spread {out['bf16_speedup']['spread']:.0%})")
+    return out
+
+
+def parts_rows(cfg, steps: int, rounds: int, log=None) -> Dict[str, object]:
+    """DDIM-``steps`` at the eval batch, the network called once per step vs in
+    ``eval.parallel_calls`` concurrent parts, interleaved."""
+    parts = max(cfg.eval.parallel_calls, 2)
+    out, secs = _eval_batch_rows(cfg, steps, rounds, {"one_call": ("float32", 1),
+                                                      f"{parts}_parts": ("float32", parts)}, log)
+    out["parts"] = parts
+    out["parts_speedup"] = bl.summary([a / b for a, b in zip(secs["one_call"],
+                                                              secs[f"{parts}_parts"])])
+    if log:
+        log(f"  {out['chain']} at batch {out['batch']}: {parts} concurrent calls x"
+            f"{out['parts_speedup']['median']:.2f} one call's rate")
     return out
 
 
 def guidance_rows(cfg, steps: int, batches, rounds: int, log=None) -> Dict[str, object]:
-    """Per batch size: seconds of conditional, CFG-batched and CFG-two-pass DDIM chains of
-    the untrained class-conditional network of ``cfg``, interleaved."""
+    """Per batch size: seconds of DDIM chains of the untrained class-conditional network
+    of ``cfg``, interleaved: conditional sampling and CFG as the package runs them
+    (``eval.parallel_calls`` concurrent calls; with 2, CFG's conditional and unconditional
+    halves are the two calls), and CFG as one call over the doubled batch."""
     from ipu_diffusion.diffusion import guidance, sampling
     from ipu_diffusion.diffusion.gaussian import GaussianDiffusion
     from ipu_diffusion.inference.generate import conditional_fn_for
     from ipu_diffusion.models.unet import build_unet
 
     m = cfg.model
-    model_fn = conditional_fn_for(build_unet(m, zero_init=False))
+    unet = build_unet(m, zero_init=False)
+    model_fn = conditional_fn_for(unet, cfg.eval.parallel_calls)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
 
-    def two_passes(y, w):  # CFG without the batching: conditional, then null-label pass
-        def denoise(x, t):
-            cond = model_fn(x, t, y)
-            uncond = model_fn(x, t, tf.fill(tf.shape(t), m.num_classes))
-            return uncond + w * (cond - uncond)
-        return denoise, None
-
-    out: Dict[str, object] = {"chain": f"ddim{steps}", "rows": []}
+    out: Dict[str, object] = {"chain": f"ddim{steps}", "parts": cfg.eval.parallel_calls,
+                              "rows": []}
     for batch in batches:
         shape = (batch, m.image_size, m.image_size, m.in_channels)
         guides = {"conditional": guidance.conditional_guide(model_fn),
                   "cfg": guidance.cfg_guide(model_fn, m.num_classes),
-                  "cfg_two_passes": guidance.Guide("cfg", two_passes)}
+                  "cfg_one_call": guidance.cfg_guide(conditional_fn_for(unet, 1), m.num_classes)}
         fns = {}
         for name, guide in guides.items():
             guide.set(guidance.cycle_labels(batch, m.num_classes), scale=3.0)
@@ -155,13 +182,13 @@ def guidance_rows(cfg, steps: int, batches, rounds: int, log=None) -> Dict[str, 
         secs = bl.interleaved(fns, rounds, log=log)
         row = {"batch": batch, "step_s": {k: bl.summary([v / steps for v in s])
                                           for k, s in secs.items()}}
-        for name in ("cfg", "cfg_two_passes"):
+        for name in ("cfg", "cfg_one_call"):
             row[f"{name}_cost"] = bl.summary([a / b for a, b in zip(secs[name],
                                                                    secs["conditional"])])
         out["rows"].append(row)
         if log:
             log(f"  batch {batch}: CFG x{row['cfg_cost']['median']:.2f} a conditional step "
-                f"(two passes x{row['cfg_two_passes_cost']['median']:.2f})")
+                f"(one call over the doubled batch x{row['cfg_one_call_cost']['median']:.2f})")
     return out
 
 
@@ -173,6 +200,8 @@ def main() -> Dict[str, object]:
                       rounds=5 if full else 3, target_s=2.0 if full else 0.5, log=bl.log)
         res["precision"] = precision_rows(cfg, 50 if full else 10, rounds=5 if full else 3,
                                           log=bl.log)
+        res["parallel_calls"] = parts_rows(cfg, 50 if full else 10, rounds=5 if full else 3,
+                                           log=bl.log)
         cond = bl.load("digits_cond")
         res["guidance"] = guidance_rows(cond, 10, (8, cond.eval.batch_size),
                                         rounds=5 if full else 3, log=bl.log)
@@ -211,11 +240,17 @@ def main_guidance() -> Dict[str, object]:
     return _write("sampling_guidance", rows)
 
 
+def main_parts() -> Dict[str, object]:
+    return _write("sampling_parts", lambda full: parts_rows(
+        bl.load("digits"), 50 if full else 10, rounds=7 if full else 5, log=bl.log))
+
+
 if __name__ == "__main__":
     import sys
 
-    modes = {"": main, "precision": main_precision, "guidance": main_guidance}
+    modes = {"": main, "precision": main_precision, "guidance": main_guidance,
+             "parts": main_parts}
     mode = " ".join(sys.argv[1:])
     if mode not in modes:
-        sys.exit(f"usage: sampling.py [precision | guidance], not {mode!r}")
+        sys.exit(f"usage: sampling.py [precision | guidance | parts], not {mode!r}")
     modes[mode]()

@@ -180,6 +180,11 @@ class EvalSection:
     precision: Literal[SAMPLING_PRECISIONS] = "float32"
     num_samples: int = 1000
     batch_size: int = 250
+    # the sampling network's batch is cut into this many parts, called as independent
+    # branches of one graph, which TensorFlow runs concurrently (1 = one call of the whole
+    # batch); on 2 CPU cores 2 parts took 0.78x the time of one call at batch 250
+    # (benchmarks/sampling.py); samples equal one call's to float32 round-off, not bit for bit
+    parallel_calls: int = 2
     inception_path: str = ""  # frozen FID Inception graph (.pb); or $IPU_DIFFUSION_INCEPTION
     at_end: bool = True
 
@@ -429,7 +434,7 @@ def validate(cfg: RunConfig) -> None:
         ("training.max_nonfinite_steps", t.max_nonfinite_steps),
         ("training.worker_timeout_s", t.worker_timeout_s),
         ("eval.steps", cfg.eval.steps), ("eval.batch_size", cfg.eval.batch_size),
-        ("ipu.replicas", cfg.ipu.replicas),
+        ("eval.parallel_calls", cfg.eval.parallel_calls), ("ipu.replicas", cfg.ipu.replicas),
     ]:
         _positive(value, path)
     for path, value in [

@@ -62,11 +62,11 @@ class ExportedModel(tf.Module):
         x_t = tf.TensorSpec([None, size, size, channels], tf.float32, name="x_t")
         t = tf.TensorSpec([None], tf.int32, name="t")
         if self._num_classes:
-            self._model_fn = conditional_fn_for(unet)
+            self._model_fn = conditional_fn_for(unet, cfg.eval.parallel_calls)
             self.denoise = tf.function(self._model_fn, input_signature=[
                 x_t, t, tf.TensorSpec([None], tf.int32, name="y")])
         else:
-            self._model_fn = denoise_fn_for(unet)
+            self._model_fn = denoise_fn_for(unet, parts=cfg.eval.parallel_calls)
             self.denoise = tf.function(self._model_fn, input_signature=[x_t, t])
         self.sample = tf.function(self._sample, input_signature=[
             tf.TensorSpec([], tf.int32, name="num"), tf.TensorSpec([], tf.int32, name="steps"),

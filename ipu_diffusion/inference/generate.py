@@ -21,7 +21,8 @@ def ema_unet(source):
     if getattr(source, "_ema_denoise", None) is None:
         if getattr(source, "_ema_unet", None) is None:
             source._ema_unet = build_sampling_unet(source.cfg)
-        source._ema_denoise = denoise_fn_for(source._ema_unet)
+        source._ema_denoise = denoise_fn_for(source._ema_unet,
+                                             parts=source.cfg.eval.parallel_calls)
     source.ema.copy_to(source._ema_unet.trainable_variables)
     return source._ema_unet, source._ema_denoise
 
@@ -41,8 +42,28 @@ def build_sampling_unet(cfg):
         mp.set_global_policy(before)
 
 
-def denoise_fn_for(unet, labels: Optional[tf.Tensor] = None) -> Callable:
-    """``(x_t [B,H,W,C], t int32 [B]) -> model output`` of ``unet`` in inference mode."""
+def _in_parts(network: Callable, parts: int) -> Callable:
+    """``network(inputs)`` on ``inputs`` (a dict of ``[B, ...]`` tensors) cut into ``parts``
+    nearly equal pieces along the batch, one call each, concatenated: independent branches
+    of one graph that TensorFlow runs at the same time. Each example's output depends on
+    that example alone (inference mode), so only float32 round-off differs from one call."""
+    if parts <= 1:
+        return network
+
+    def call(inputs):
+        batch = tf.shape(inputs["x_t"])[0]
+        sizes = batch // parts + tf.cast(tf.range(parts) < batch % parts, tf.int32)
+        pieces = {k: tf.split(v, sizes, num=parts) for k, v in inputs.items()}
+        return tf.concat([network({k: v[i] for k, v in pieces.items()}) for i in range(parts)],
+                         0)
+
+    return call
+
+
+def denoise_fn_for(unet, labels: Optional[tf.Tensor] = None, parts: int = 1) -> Callable:
+    """``(x_t [B,H,W,C], t int32 [B]) -> model output`` of ``unet`` in inference mode, the
+    batch in ``parts`` concurrent calls (``eval.parallel_calls``)."""
+    network = _in_parts(lambda inputs: unet.keras_model(inputs, training=False), parts)
 
     def denoise(x_t, t):
         inputs = {"x_t": x_t, "t": t, "key": tf.zeros_like(t)}
@@ -50,21 +71,24 @@ def denoise_fn_for(unet, labels: Optional[tf.Tensor] = None) -> Callable:
             if labels is None:
                 raise ValueError("this model is class-conditional: pass labels")
             inputs["y"] = labels
-        return tf.cast(unet.keras_model(inputs, training=False), tf.float32)
+        return tf.cast(network(inputs), tf.float32)
 
     return denoise
 
 
-def conditional_fn_for(unet) -> Callable:
+def conditional_fn_for(unet, parts: int = 1) -> Callable:
     """``(x_t [B,H,W,C], t int32 [B], y int32 [B]) -> model output`` of a class-conditional
-    ``unet`` in inference mode (``y = model.num_classes`` is the null label)."""
+    ``unet`` in inference mode (``y = model.num_classes`` is the null label), the batch in
+    ``parts`` concurrent calls. Classifier-free guidance doubles the batch, so with 2 parts
+    its conditional and unconditional halves are two concurrent calls."""
     if "y" not in unet.input_keys:
         raise GuidanceError("this model is unconditional (model.num_classes = 0): it takes no "
                             "labels; use --guidance classifier with --classifier DIR")
+    network = _in_parts(lambda inputs: unet.keras_model(inputs, training=False), parts)
 
     def model_fn(x_t, t, y):
         inputs = {"x_t": x_t, "t": t, "key": tf.zeros_like(t), "y": tf.cast(y, tf.int32)}
-        return tf.cast(unet.keras_model(inputs, training=False), tf.float32)
+        return tf.cast(network(inputs), tf.float32)
 
     return model_fn
 
@@ -75,7 +99,8 @@ def unconditional_fn(run) -> Callable:
     if "y" not in unet.input_keys:
         return denoise
     if getattr(run, "_null_denoise", None) is None:
-        model_fn, null = conditional_fn_for(unet), run.cfg.model.num_classes
+        model_fn = conditional_fn_for(unet, run.cfg.eval.parallel_calls)
+        null = run.cfg.model.num_classes
         run._null_denoise = lambda x, t: model_fn(x, t, tf.fill(tf.shape(t), null))
     return run._null_denoise
 
@@ -97,7 +122,7 @@ def ema_guide(run, guidance: str, classifier=None) -> guidance_lib.Guide:
             guides[key] = guidance_lib.classifier_guide(unconditional_fn(run),
                                                         classifier.logits_fn)
         elif guidance in ("none", "cfg"):
-            model_fn = conditional_fn_for(unet)
+            model_fn = conditional_fn_for(unet, run.cfg.eval.parallel_calls)
             guides[key] = (guidance_lib.conditional_guide(model_fn) if guidance == "none" else
                            guidance_lib.cfg_guide(model_fn, run.cfg.model.num_classes,
                                                   split_variance=run.cfg.model.learn_sigma))

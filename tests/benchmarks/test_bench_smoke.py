@@ -69,11 +69,14 @@ def test_sampling_tiny():
     prec = sampling.precision_rows(bl.load("digits", TINY + ["eval.batch_size=2"]), 2, rounds=1)
     assert sorted(prec["img_per_s"]) == ["bfloat16", "float32"] and prec["batch"] == 2
     assert math.isfinite(prec["bf16_speedup"]["median"])
-    cfg = sampling.guidance_rows(bl.load("digits_cond", TINY), 2, (2, 3), rounds=1)
-    assert [r["batch"] for r in cfg["rows"]] == [2, 3]
-    assert sorted(cfg["rows"][0]["step_s"]) == ["cfg", "cfg_two_passes", "conditional"]
+    cfg = sampling.guidance_rows(bl.load("digits_cond", TINY), 2, (3,), rounds=1)
+    assert [r["batch"] for r in cfg["rows"]] == [3]
+    assert sorted(cfg["rows"][0]["step_s"]) == ["cfg", "cfg_one_call", "conditional"]
     assert all(math.isfinite(r[k]["median"]) and r[k]["median"] > 0
-               for r in cfg["rows"] for k in ("cfg_cost", "cfg_two_passes_cost"))
+               for r in cfg["rows"] for k in ("cfg_cost", "cfg_one_call_cost"))
+    parts = sampling.parts_rows(bl.load("digits", TINY + ["eval.batch_size=3"]), 2, rounds=1)
+    assert sorted(parts["img_per_s"]) == ["2_parts", "one_call"] and parts["batch"] == 3
+    assert math.isfinite(parts["parts_speedup"]["median"])
 
 
 def test_targets_and_chart_without_results(tmp_path):
