@@ -37,7 +37,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from machine import bar_chart, cpu_model, summary  # no TF, no torch
+from machine import bar_chart, cpu_flags, cpu_model, summary  # no TF, no torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -122,7 +122,8 @@ def cmd_compare(args) -> int:
         "workdir": "1-step digits run" if not args.workdir else os.path.relpath(workdir, ROOT),
         "rounds": args.rounds, "rows": rows,
         "ours_fp32_samples_sha256": hashlib.sha256(images.astype(np.float32).tobytes()).hexdigest(),
-        "environment": {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "environment": {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(),
+                        "cpu_count": os.cpu_count(),
                         "loadavg_per_round": load, "time": time.strftime("%Y-%m-%d %H:%M:%S")},
         "notes": "whole processes, started and timed to exit; vs_diffusers = ours / diffusers "
                  "seconds in the same round (lower is faster)",
