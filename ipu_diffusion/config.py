@@ -182,8 +182,9 @@ class EvalSection:
     batch_size: int = 250
     # the sampling network's batch is cut into this many parts, called as independent
     # branches of one graph, which TensorFlow runs concurrently (1 = one call of the whole
-    # batch); on 2 CPU cores 2 parts took 0.78x the time of one call at batch 250
-    # (benchmarks/sampling.py); samples equal one call's to float32 round-off, not bit for bit
+    # batch); on 2 CPU cores 2 parts sampled 1.20x as fast as one call at batch 250
+    # (benchmarks/sampling.py parts); samples equal one call's to float32 round-off, not bit
+    # for bit
     parallel_calls: int = 2
     inception_path: str = ""  # frozen FID Inception graph (.pb); or $IPU_DIFFUSION_INCEPTION
     at_end: bool = True

@@ -42,11 +42,16 @@ def build_sampling_unet(cfg):
         mp.set_global_policy(before)
 
 
-def _in_parts(network: Callable, parts: int) -> Callable:
-    """``network(inputs)`` on ``inputs`` (a dict of ``[B, ...]`` tensors) cut into ``parts``
-    nearly equal pieces along the batch, one call each, concatenated: independent branches
-    of one graph that TensorFlow runs at the same time. Each example's output depends on
-    that example alone (inference mode), so only float32 round-off differs from one call."""
+def _network(unet, parts: int) -> Callable:
+    """``unet``'s Keras model in inference mode on ``inputs`` (a dict of ``[B, ...]``
+    tensors) cut into ``parts`` nearly equal pieces along the batch, one call each,
+    concatenated: independent branches of one graph that TensorFlow runs at the same time.
+    Each example's output depends on that example alone (inference mode), so only float32
+    round-off differs from one call."""
+
+    def network(inputs):
+        return unet.keras_model(inputs, training=False)
+
     if parts <= 1:
         return network
 
@@ -63,7 +68,7 @@ def _in_parts(network: Callable, parts: int) -> Callable:
 def denoise_fn_for(unet, labels: Optional[tf.Tensor] = None, parts: int = 1) -> Callable:
     """``(x_t [B,H,W,C], t int32 [B]) -> model output`` of ``unet`` in inference mode, the
     batch in ``parts`` concurrent calls (``eval.parallel_calls``)."""
-    network = _in_parts(lambda inputs: unet.keras_model(inputs, training=False), parts)
+    network = _network(unet, parts)
 
     def denoise(x_t, t):
         inputs = {"x_t": x_t, "t": t, "key": tf.zeros_like(t)}
@@ -84,7 +89,7 @@ def conditional_fn_for(unet, parts: int = 1) -> Callable:
     if "y" not in unet.input_keys:
         raise GuidanceError("this model is unconditional (model.num_classes = 0): it takes no "
                             "labels; use --guidance classifier with --classifier DIR")
-    network = _in_parts(lambda inputs: unet.keras_model(inputs, training=False), parts)
+    network = _network(unet, parts)
 
     def model_fn(x_t, t, y):
         inputs = {"x_t": x_t, "t": t, "key": tf.zeros_like(t), "y": tf.cast(y, tf.int32)}
