@@ -44,8 +44,8 @@ def build_sampling_unet(cfg):
 
 def _network(unet, parts: int) -> Callable:
     """``unet``'s Keras model in inference mode on ``inputs`` (a dict of ``[B, ...]``
-    tensors) cut into ``parts`` nearly equal pieces along the batch, one call each,
-    concatenated: independent branches of one graph that TensorFlow runs at the same time.
+    tensors) cut into ``parts`` nearly equal pieces along the batch (never an empty one:
+    fewer parts when the batch is smaller), one call each, concatenated: independent branches of one graph that TensorFlow runs at the same time.
     Each example's output depends on that example alone (inference mode), so only float32
     round-off differs from one call."""
 
@@ -55,12 +55,21 @@ def _network(unet, parts: int) -> Callable:
     if parts <= 1:
         return network
 
-    def call(inputs):
+    def split(inputs, n):
         batch = tf.shape(inputs["x_t"])[0]
-        sizes = batch // parts + tf.cast(tf.range(parts) < batch % parts, tf.int32)
-        pieces = {k: tf.split(v, sizes, num=parts) for k, v in inputs.items()}
-        return tf.concat([network({k: v[i] for k, v in pieces.items()}) for i in range(parts)],
-                         0)
+        sizes = batch // n + tf.cast(tf.range(n) < batch % n, tf.int32)
+        pieces = {k: tf.split(v, sizes, num=n) for k, v in inputs.items()}
+        return tf.concat([network({k: v[i] for k, v in pieces.items()}) for i in range(n)], 0)
+
+    def call(inputs):
+        # No empty part: a convolution of zero examples fails on some oneDNN builds
+        # (seen with AVX-512), e.g. the last batch of ``sample --num 1001``.
+        static = inputs["x_t"].shape[0]
+        if static is not None:
+            n = min(parts, static)
+            return split(inputs, n) if n > 1 else network(inputs)
+        return tf.cond(tf.shape(inputs["x_t"])[0] >= parts, lambda: split(inputs, parts),
+                       lambda: network(inputs))
 
     return call
 
