@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/run_all.py --only sampling,memory
     .venv/bin/python benchmarks/run_all.py --summary-only      # re-check existing results
 
-Order: roofline, train_throughput, sampling, pipeline, memory (a fresh process each:
+Order: roofline, train_throughput, group_norm, sampling, pipeline, memory (a fresh process each:
 pipeline.py needs logical CPU devices before TensorFlow starts; memory.py starts one
 more process per configuration). Then reads their JSON and writes
 ``results/summary.json`` and ``results/summary.md``: the headline table and each target
@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 import benchlib as bl
 
-SCRIPTS = ("roofline", "train_throughput", "sampling", "pipeline", "memory")
+SCRIPTS = ("roofline", "train_throughput", "group_norm", "sampling", "pipeline", "memory")
 
 
 def _row(result: Optional[dict], label: str, key: str = "label") -> Optional[dict]:
@@ -104,6 +104,10 @@ def headline(res: Dict[str, Optional[dict]]) -> List[List[str]]:
     for r in (tt or {}).get("rows", []):
         add(f"train {r['label']} (img/s)", r["img_per_s"], "{:.2f}", tt, r.get("cores_used"))
         add(f"train {r['label']} MFU", r["mfu"], "{:.1%}", tt, r.get("cores_used"))
+    gn = res.get("group_norm")
+    for r in (gn or {}).get("networks", []):
+        add(f"group norm, pixels first / earlier: {r['label']} (time)",
+            r["package_over_earlier"], "{:.2f}", gn)
     sa = res.get("sampling")
     for r in (sa or {}).get("rows", []):
         add(f"sample {r['name']} b{r['batch']} (img/s)", r["img_per_s"], "{:.2f}", sa,

@@ -14,6 +14,7 @@ sys.path.insert(0, BENCH)
 
 import benchlib as bl  # noqa: E402
 import digits_recipe  # noqa: E402
+import group_norm  # noqa: E402
 from ipu_diffusion._keras import keras  # noqa: E402
 from ipu_diffusion.models import norm  # noqa: E402
 import memory  # noqa: E402
@@ -77,6 +78,24 @@ def test_sampling_tiny():
     parts = sampling.parts_rows(bl.load("digits", TINY + ["eval.batch_size=3"]), 2, rounds=1)
     assert sorted(parts["img_per_s"]) == ["2_parts", "one_call"] and parts["batch"] == 3
     assert math.isfinite(parts["parts_speedup"]["median"])
+
+
+def test_group_norm_baseline_is_the_same_function_and_rows_are_ratios():
+    """The earlier formulation the benchmark times against computes the same group norm
+    (to float32 round-off); a row is the per-round time ratio of the two."""
+    import numpy as np
+    import tensorflow as tf
+
+    x = tf.random.stateless_normal([3, 4, 4, 16], (1, 1)) * 4 + 2
+    gamma, beta = tf.random.stateless_normal([16], (2, 2)), tf.random.stateless_normal([16], (3, 3))
+    args = (gamma, beta, 4, norm.GROUP_NORM_EPSILON, None, None, None, True)
+    np.testing.assert_allclose(group_norm.one_reduction(x, *args).numpy(),
+                               norm._group_norm_math(x, *args).numpy(), rtol=0, atol=2e-5)
+    fns = {f"l {name}": group_norm._layer_fn(f, [2, 4, 4, 16], True)
+           for name, f in group_norm.FORMULATIONS.items()}
+    rows = group_norm._ratios(fns, ["l"], rounds=2, calls=1)
+    assert rows[0]["label"] == "l" and rows[0]["package_over_earlier"]["n"] == 2
+    assert rows[0]["package_over_earlier"]["median"] > 0
 
 
 def test_targets_and_chart_without_results(tmp_path):

@@ -1,0 +1,169 @@
+"""What the group-norm formulation buys: the package's (statistics reduced over the pixels,
+then over a group's channels) against the earlier one (one reduction over axes 1 and 3 of
+the ``[B, HW, G, C/G]`` view), both as one XLA cluster with the trailing swish.
+
+    .venv/bin/python benchmarks/group_norm.py            # ~3 min on 2 cores
+
+Two levels, each in interleaved rounds (ratios per round, median and spread):
+
+- layers: the U-Net's GroupNorm + swish shapes (digits training batch 64, a digits
+  sampling part of 125, CIFAR-10 batch 16), forward and forward + backward;
+- networks: the digits sampling network call (batch 250 in ``eval.parallel_calls`` parts,
+  fp32 and bf16) and ``DiffusionTrainer.train_step`` (digits batch 64, DDPM CIFAR-10
+  batch 16, fp32), each built twice, once per formulation (swapped in before tracing).
+
+Writes ``results/group_norm.json`` and ``results/group_norm.png`` (time of the package's
+formulation / the earlier one; below 1 is faster).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List
+
+import benchlib as bl
+import tensorflow as tf
+
+from ipu_diffusion.models import norm
+
+GROUPS = 8
+LAYER_SHAPES = {"digits b64": [[64, 16, 16, 32], [64, 8, 8, 64], [64, 4, 4, 64]],
+                "digits sampling b125": [[125, 16, 16, 32], [125, 8, 8, 64]],
+                "cifar b16": [[16, 32, 32, 128], [16, 16, 16, 256], [16, 8, 8, 256]]}
+
+
+def one_reduction(x, gamma, beta, groups, epsilon, add=None, scale=None, shift=None,
+                  swish=False):
+    """The earlier formulation (before 2026-12-03), kept here as the baseline."""
+    dtype = x.dtype
+    x = tf.cast(x, tf.float32)
+    if add is not None:
+        x = x + tf.cast(add, tf.float32)
+    _, h, w, c = x.shape
+    xg = tf.reshape(x, [-1, h * w, groups, c // groups])
+    mean, var = tf.nn.moments(xg, axes=[1, 3], keepdims=True)
+    inv = tf.math.rsqrt(var + epsilon) * tf.reshape(tf.cast(gamma, tf.float32), [1, 1, groups, -1])
+    y = xg * inv + (tf.reshape(tf.cast(beta, tf.float32), [1, 1, groups, -1]) - mean * inv)
+    y = tf.reshape(y, [-1, h, w, c])
+    if scale is not None:
+        y = y * (1.0 + tf.cast(scale, tf.float32)) + tf.cast(shift, tf.float32)
+    if swish:
+        y = y * tf.sigmoid(y)
+    return tf.cast(y, dtype)
+
+
+FORMULATIONS = {"earlier": tf.function(one_reduction, jit_compile=True, autograph=False),
+                "package": norm._fused_group_norm}
+
+
+def _layer_fn(fused, shape, backward: bool) -> Callable[[], tf.Tensor]:
+    c = shape[-1]
+    x = tf.random.stateless_normal(shape, (1, 2)) * 3 + 1
+    add = tf.random.stateless_normal([shape[0], 1, 1, c], (3, 4))
+    gamma = tf.Variable(tf.random.stateless_normal([c], (5, 6)))
+    beta = tf.Variable(tf.zeros([c]))
+
+    @tf.function
+    def fn():
+        if not backward:
+            return fused(x, gamma, beta, GROUPS, norm.GROUP_NORM_EPSILON, add, None, None, True)
+        with tf.GradientTape() as tape:
+            tape.watch([x, add])
+            y = fused(x, gamma, beta, GROUPS, norm.GROUP_NORM_EPSILON, add, None, None, True)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, [x, add, gamma, beta])[0]
+
+    return fn
+
+
+def _with(name: str, build: Callable[[], Callable[[], object]]) -> Callable[[], object]:
+    """``build()`` with formulation ``name`` installed, traced once before it is restored."""
+    saved = norm._fused_group_norm
+    norm._fused_group_norm = FORMULATIONS[name]
+    try:
+        fn = build()
+        bl._fetch(fn())
+    finally:
+        norm._fused_group_norm = saved
+    return fn
+
+
+def _sampling_call(precision: str) -> Callable[[], object]:
+    from ipu_diffusion._keras import keras
+    from ipu_diffusion.inference.generate import denoise_fn_for
+    from ipu_diffusion.models.unet import build_unet
+
+    cfg = bl.load("digits", [f"eval.precision={precision}"])
+    keras.mixed_precision.set_global_policy(
+        "mixed_bfloat16" if precision == "bfloat16" else "float32")
+    try:
+        unet = build_unet(cfg.model, zero_init=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    b = cfg.eval.batch_size
+    x = tf.random.stateless_normal([b, 16, 16, 1], (7, 8))
+    t = tf.fill([b], 500)
+    denoise = tf.function(denoise_fn_for(unet, parts=cfg.eval.parallel_calls))
+    return lambda: denoise(x, t)
+
+
+NETWORKS = {
+    "digits sampling b250 fp32": lambda: _sampling_call("float32"),
+    "digits sampling b250 bf16": lambda: _sampling_call("bfloat16"),
+    "digits train b64 fp32": lambda: bl.TrainStep(bl.load("digits")),
+    "cifar train b16 fp32": lambda: bl.TrainStep(bl.load("ddpm_cifar10",
+                                                         ["training.batch_size=16"])),
+}
+
+
+def _ratios(fns: Dict[str, Callable[[], object]], labels: List[str], rounds: int, calls: int
+            ) -> List[Dict[str, object]]:
+    secs = bl.interleaved(fns, rounds, calls=calls, warmup=1, log=bl.log)
+    rows = []
+    for label in labels:
+        new, old = secs[f"{label} package"], secs[f"{label} earlier"]
+        rows.append({"label": label, "package_ms": bl.summary([1e3 * s for s in new]),
+                     "earlier_ms": bl.summary([1e3 * s for s in old]),
+                     "package_over_earlier": bl.summary([a / b for a, b in zip(new, old)])})
+        bl.log(f"  {label}: {rows[-1]['package_over_earlier']['median']:.2f}x the earlier time")
+    return rows
+
+
+def main() -> Dict[str, object]:
+    env = bl.environment()
+    fns, labels = {}, []
+    for group, shapes in LAYER_SHAPES.items():
+        for shape in shapes:
+            for backward in (False, True):
+                label = f"{group} {'x'.join(map(str, shape[1:]))} {'fwd+bwd' if backward else 'fwd'}"
+                labels.append(label)
+                for name, fused in FORMULATIONS.items():
+                    fns[f"{label} {name}"] = _layer_fn(fused, shape, backward)
+    bl.log("group_norm: layers")
+    layers = _ratios(fns, labels, rounds=7, calls=10)
+    fns = {}
+    for label, build in NETWORKS.items():
+        bl.log(f"  build {label}")
+        for name in FORMULATIONS:
+            fns[f"{label} {name}"] = _with(name, build)
+    bl.log("group_norm: networks")
+    networks = _ratios(fns, list(NETWORKS), rounds=5, calls=2)
+    env["loadavg_end"] = list(os.getloadavg())
+    payload = {"benchmark": "group_norm", "environment": env, "groups": GROUPS,
+               "layers": layers, "networks": networks,
+               "notes": "package_over_earlier: per-round time of the package's group norm "
+                        "(pixels first, then the group's channels) over the earlier one "
+                        "(one reduction over the [B, HW, G, C/G] view); both one XLA "
+                        "cluster with the swish; lower is faster"}
+    bl.write_json("group_norm", payload)
+    rows = layers + networks
+    bl.bar_chart(bl.chart_path("group_norm"), [r["label"] for r in rows],
+                 [r["package_over_earlier"]["median"] for r in rows],
+                 [r["package_over_earlier"]["min"] for r in rows],
+                 [r["package_over_earlier"]["max"] for r in rows],
+                 ylabel="time, package / earlier", hline=1.0, hline_label="no change",
+                 title="Group norm + swish: statistics over pixels first")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
