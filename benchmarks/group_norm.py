@@ -12,11 +12,18 @@ Two levels, each in interleaved rounds (ratios per round, median and spread):
   fp32 and bf16) and ``DiffusionTrainer.train_step`` (digits batch 64, DDPM CIFAR-10
   batch 16, fp32), each built twice, once per formulation (swapped in before tracing).
 
-Writes ``results/group_norm.json`` and ``results/group_norm.png`` (time of the package's
-formulation / the earlier one; below 1 is faster).
+and an op-level profile of that sampling network call (one call of batch 250, each
+formulation, fp32 and bf16): TensorFlow's per-op step statistics of the frozen graph in a
+``tf.compat.v1`` session, summed by component (convolutions, group norm, attention,
+other), averaged over traced runs taken in interleaved rounds.
+
+Writes ``results/group_norm.json``, ``results/group_norm.png`` (time of the package's
+formulation / the earlier one; below 1 is faster) and ``results/group_norm_profile.png``
+(milliseconds per component, before and after).
 """
 from __future__ import annotations
 
+import collections
 import os
 from typing import Callable, Dict, List
 
@@ -87,7 +94,9 @@ def _with(name: str, build: Callable[[], Callable[[], object]]) -> Callable[[], 
     return fn
 
 
-def _sampling_call(precision: str) -> Callable[[], object]:
+def _sampling_network(precision: str, parts: int = 0):
+    """The digits sampling network (``denoise_fn_for`` in ``parts`` calls; 0: the
+    config's ``eval.parallel_calls``) and an input batch ``(x_t, t)`` of ``eval.batch_size``."""
     from ipu_diffusion._keras import keras
     from ipu_diffusion.inference.generate import denoise_fn_for
     from ipu_diffusion.models.unet import build_unet
@@ -102,8 +111,101 @@ def _sampling_call(precision: str) -> Callable[[], object]:
     b = cfg.eval.batch_size
     x = tf.random.stateless_normal([b, 16, 16, 1], (7, 8))
     t = tf.fill([b], 500)
-    denoise = tf.function(denoise_fn_for(unet, parts=cfg.eval.parallel_calls))
+    return denoise_fn_for(unet, parts=parts or cfg.eval.parallel_calls), x, t
+
+
+def _sampling_call(precision: str) -> Callable[[], object]:
+    fn, x, t = _sampling_network(precision)
+    denoise = tf.function(fn)
     return lambda: denoise(x, t)
+
+
+# Op types by component of the profile; the fused group norm is the only XLA cluster
+# (a call of a jit-compiled function) in the sampling graph.
+COMPONENTS = {"convolution": ("Conv2D",), "group norm": ("PartitionedCall", "_XlaRun",
+                                                          "XlaLaunch"),
+              "attention": ("BatchMatMul", "Softmax")}
+
+
+def _component(op: str) -> str:
+    for name, keys in COMPONENTS.items():
+        if any(k in op for k in keys):
+            return name
+    return "other"
+
+
+def _profiled_session(precision: str, name: str):
+    """A ``tf.compat.v1`` session on the frozen graph of one sampling network call (one
+    part: a profile of concurrent parts would count overlapping ops twice) with group-norm
+    formulation ``name``; returns ``run(trace)``, which returns the step statistics."""
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2)
+
+    saved = norm._fused_group_norm
+    norm._fused_group_norm = FORMULATIONS[name]
+    try:
+        fn, x, t = _sampling_network(precision, parts=1)
+        frozen = convert_variables_to_constants_v2(tf.function(fn).get_concrete_function(x, t))
+    finally:
+        norm._fused_group_norm = saved
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(frozen.graph.as_graph_def(), name="")
+    feed = {graph.get_tensor_by_name(i.name): v.numpy() for i, v in zip(frozen.inputs, (x, t))}
+    fetch = [graph.get_tensor_by_name(o.name) for o in frozen.outputs]
+    sess = tf.compat.v1.Session(graph=graph)
+    options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
+
+    def run():
+        meta = tf.compat.v1.RunMetadata()
+        sess.run(fetch, feed, options=options, run_metadata=meta)
+        return meta.step_stats
+
+    for _ in range(2):
+        run()
+    return run
+
+
+def op_profiles(keys, runs: int = 5) -> Dict[str, Dict[str, float]]:
+    """Milliseconds per component of one sampling network call for each ``(precision,
+    formulation)`` in ``keys``, averaged over ``runs`` traced runs taken in interleaved
+    rounds."""
+    sessions = {f"{p} {name}": _profiled_session(p, name) for p, name in keys}
+    totals = {k: collections.Counter() for k in sessions}
+    for _ in range(runs):
+        for key, run in sessions.items():
+            for dev in run().dev_stats:
+                for node in dev.node_stats:
+                    label = node.timeline_label
+                    op = label.split("=", 1)[-1].split("(")[0].strip() if "=" in label else node.node_name
+                    ms = (node.op_end_rel_micros - node.op_start_rel_micros) / 1e3
+                    totals[key][_component(op)] += ms
+    return {key: {c: round(total[c] / runs, 2) for c in [*COMPONENTS, "other"]}
+            for key, total in totals.items()}
+
+
+def profile_chart(profiles: Dict[str, Dict[str, float]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(profiles)
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    bottom = [0.0] * len(labels)
+    for comp, color in zip([*COMPONENTS, "other"], ("#4477aa", "#ee6677", "#228833", "#bbbbbb")):
+        vals = [profiles[k][comp] for k in labels]
+        ax.bar(labels, vals, bottom=bottom, color=color, label=comp)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("ms per call (sum of op times)")
+    ax.set_title("Digits sampling network, batch 250: op time by component", fontsize=10)
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
+    fig.tight_layout()
+    path = bl.chart_path("group_norm_profile")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 NETWORKS = {
@@ -147,9 +249,14 @@ def main() -> Dict[str, object]:
             fns[f"{label} {name}"] = _with(name, build)
     bl.log("group_norm: networks")
     networks = _ratios(fns, list(NETWORKS), rounds=5, calls=2)
+    bl.log("group_norm: op profile")
+    profiles = op_profiles([(p, name) for p in ("float32", "bfloat16") for name in FORMULATIONS])
+    for k, v in profiles.items():
+        bl.log(f"  {k}: " + ", ".join(f"{c} {ms:.1f} ms" for c, ms in v.items()))
+    profile_chart(profiles)
     env["loadavg_end"] = list(os.getloadavg())
     payload = {"benchmark": "group_norm", "environment": env, "groups": GROUPS,
-               "layers": layers, "networks": networks,
+               "layers": layers, "networks": networks, "profile_ms_per_call": profiles,
                "notes": "package_over_earlier: per-round time of the package's group norm "
                         "(pixels first, then the group's channels) over the earlier one "
                         "(one reduction over the [B, HW, G, C/G] view); both one XLA "

@@ -1,6 +1,6 @@
 """Run every benchmark, each in its own fresh process, then check the targets.
 
-    .venv/bin/python benchmarks/run_all.py                     # quick (~10 min on 2 idle cores)
+    .venv/bin/python benchmarks/run_all.py                     # quick (~15 min on 2 idle cores)
     FULL=1 .venv/bin/python benchmarks/run_all.py              # the long version
     .venv/bin/python benchmarks/run_all.py --only sampling,memory
     .venv/bin/python benchmarks/run_all.py --summary-only      # re-check existing results

@@ -45,7 +45,8 @@ def build_sampling_unet(cfg):
 def _network(unet, parts: int) -> Callable:
     """``unet``'s Keras model in inference mode on ``inputs`` (a dict of ``[B, ...]``
     tensors) cut into ``parts`` nearly equal pieces along the batch (never an empty one:
-    fewer parts when the batch is smaller), one call each, concatenated: independent branches of one graph that TensorFlow runs at the same time.
+    fewer parts when the batch is smaller), one call each, concatenated: independent
+    branches of one graph that TensorFlow runs at the same time.
     Each example's output depends on that example alone (inference mode), so only float32
     round-off differs from one call."""
 
