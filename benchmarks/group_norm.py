@@ -24,6 +24,7 @@ formulation / the earlier one; below 1 is faster) and ``results/group_norm_profi
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from typing import Callable, Dict, List
 
@@ -82,15 +83,22 @@ def _layer_fn(fused, shape, backward: bool) -> Callable[[], tf.Tensor]:
     return fn
 
 
-def _with(name: str, build: Callable[[], Callable[[], object]]) -> Callable[[], object]:
-    """``build()`` with formulation ``name`` installed, traced once before it is restored."""
+@contextlib.contextmanager
+def _installed(name: str):
+    """Formulation ``name`` as the U-Net's fused group norm while networks are traced."""
     saved = norm._fused_group_norm
     norm._fused_group_norm = FORMULATIONS[name]
     try:
-        fn = build()
-        bl._fetch(fn())
+        yield
     finally:
         norm._fused_group_norm = saved
+
+
+def _with(name: str, build: Callable[[], Callable[[], object]]) -> Callable[[], object]:
+    """``build()`` with formulation ``name`` installed, traced once before it is restored."""
+    with _installed(name):
+        fn = build()
+        bl._fetch(fn())
     return fn
 
 
@@ -137,17 +145,14 @@ def _component(op: str) -> str:
 def _profiled_session(precision: str, name: str):
     """A ``tf.compat.v1`` session on the frozen graph of one sampling network call (one
     part: a profile of concurrent parts would count overlapping ops twice) with group-norm
-    formulation ``name``; returns ``run(trace)``, which returns the step statistics."""
+    formulation ``name``; returns ``run()``, which runs it traced and returns the step
+    statistics."""
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2)
 
-    saved = norm._fused_group_norm
-    norm._fused_group_norm = FORMULATIONS[name]
-    try:
+    with _installed(name):
         fn, x, t = _sampling_network(precision, parts=1)
         frozen = convert_variables_to_constants_v2(tf.function(fn).get_concrete_function(x, t))
-    finally:
-        norm._fused_group_norm = saved
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(frozen.graph.as_graph_def(), name="")
