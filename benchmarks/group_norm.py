@@ -105,17 +105,10 @@ def _with(name: str, build: Callable[[], Callable[[], object]]) -> Callable[[], 
 def _sampling_network(precision: str, parts: int = 0):
     """The digits sampling network (``denoise_fn_for`` in ``parts`` calls; 0: the
     config's ``eval.parallel_calls``) and an input batch ``(x_t, t)`` of ``eval.batch_size``."""
-    from ipu_diffusion._keras import keras
-    from ipu_diffusion.inference.generate import denoise_fn_for
-    from ipu_diffusion.models.unet import build_unet
+    from ipu_diffusion.inference.generate import build_sampling_unet, denoise_fn_for
 
     cfg = bl.load("digits", [f"eval.precision={precision}"])
-    keras.mixed_precision.set_global_policy(
-        "mixed_bfloat16" if precision == "bfloat16" else "float32")
-    try:
-        unet = build_unet(cfg.model, zero_init=False)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    unet = build_sampling_unet(cfg)  # the cost does not depend on the weights
     b = cfg.eval.batch_size
     x = tf.random.stateless_normal([b, 16, 16, 1], (7, 8))
     t = tf.fill([b], 500)

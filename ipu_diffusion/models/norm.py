@@ -45,8 +45,8 @@ def _group_norm_math(x, gamma, beta, groups: int, epsilon: float, add=None, scal
 
     Each statistic is reduced over the pixels first (``[B, HW, C] -> [B, C]``, a reduction
     over the outer axis of contiguous channels) and only then over the channels of a
-    group: under XLA on CPU that takes 0.5-0.96x the time forward and 0.46-0.87x forward +
-    backward of one reduction over the ``[B, HW, G, C/G]`` view's axes 1 and 3 on the
+    group: under XLA on CPU that takes 0.52-0.95x the time forward and 0.46-0.86x forward
+    + backward of one reduction over the ``[B, HW, G, C/G]`` view's axes 1 and 3 on the
     U-Net's layers (``benchmarks/group_norm.py``)."""
     dtype = x.dtype
     x = tf.cast(x, tf.float32)
