@@ -3,7 +3,8 @@
 Expected values come from one call of the Keras model on the whole batch; the parts must
 be separate calls in the traced graph (twice the convolutions for two parts), uneven
 parts included (5 examples in 2, 3 or 7 parts), and never an empty call (7 parts of 5
-examples are 5 calls; a convolution of zero examples fails on some oneDNN builds)."""
+examples are 5 calls, or with a batch size unknown until run time 7 calls of one example
+each, two of them padding; a convolution of zero examples fails on some oneDNN builds)."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -57,17 +58,22 @@ def test_parts_equal_one_call(parts):
     assert one > 0 and _convs(denoise_fn_for(plain, parts=parts), *specs) == min(parts, B) * one
 
 
-def test_unknown_batch_below_parts_is_one_call():
-    """A batch whose size is known only at run time: both the parts and one whole call
-    are traced, and a batch smaller than ``parts`` takes the whole call."""
+def test_unknown_batch_below_parts_gives_one_example_per_call():
+    """A batch whose size is known only at run time (the export's signatures): one graph
+    of ``parts`` calls; a batch smaller than ``parts`` is padded, each example in a call of
+    its own, as the static path does."""
     plain, parts = _unet(0), 7
     x, t, _ = _inputs(3)
     want = plain.keras_model({"x_t": x, "t": t, "key": tf.zeros_like(t)}, training=False)
+    static = tf.function(denoise_fn_for(plain, parts=parts))(x, t)  # B calls of one example
     specs = (tf.TensorSpec([None, 8, 8, 1]), tf.TensorSpec([None], tf.int32))
     fn = tf.function(denoise_fn_for(plain, parts=parts)).get_concrete_function(*specs)
-    np.testing.assert_allclose(fn(x, t).numpy(), want.numpy(), rtol=0, atol=1e-5)
+    got = fn(x, t).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(got, static.numpy())
     one = _convs(denoise_fn_for(plain), *specs)
-    assert _graph_convs(fn.graph) == (parts + 1) * one
+    assert _graph_convs(fn.graph) == parts * one
 
 
 def test_parallel_calls_must_be_positive():

@@ -45,7 +45,7 @@ def build_sampling_unet(cfg):
 def _network(unet, parts: int) -> Callable:
     """``unet``'s Keras model in inference mode on ``inputs`` (a dict of ``[B, ...]``
     tensors) cut into ``parts`` nearly equal pieces along the batch (never an empty one:
-    fewer parts when the batch is smaller), one call each, concatenated: independent
+    one example per call when the batch is smaller), one call each, concatenated: independent
     branches of one graph that TensorFlow runs at the same time.
     Each example's output depends on that example alone (inference mode), so only float32
     round-off differs from one call."""
@@ -69,8 +69,14 @@ def _network(unet, parts: int) -> Callable:
         if static is not None:
             n = min(parts, static)
             return split(inputs, n) if n > 1 else network(inputs)
-        return tf.cond(tf.shape(inputs["x_t"])[0] >= parts, lambda: split(inputs, parts),
-                       lambda: network(inputs))
+        # A batch known only at run time (the export's signatures): one graph of ``parts``
+        # calls; a batch below ``parts`` is padded to one example per call and the padding's
+        # outputs dropped, so each example gets the one-example call of the static path.
+        batch = tf.shape(inputs["x_t"])[0]
+        pad = tf.maximum(parts - batch, 0)
+        padded = {k: tf.concat([v, tf.zeros([pad] + v.shape.as_list()[1:], v.dtype)], 0)
+                  for k, v in inputs.items()}
+        return split(padded, parts)[:batch]
 
     return call
 
