@@ -1,11 +1,12 @@
 """Run every benchmark, each in its own fresh process, then check the targets.
 
-    .venv/bin/python benchmarks/run_all.py                     # quick (~15 min on 2 idle cores)
+    .venv/bin/python benchmarks/run_all.py                     # quick (~20 min on 2 idle cores)
     FULL=1 .venv/bin/python benchmarks/run_all.py              # the long version
     .venv/bin/python benchmarks/run_all.py --only sampling,memory
     .venv/bin/python benchmarks/run_all.py --summary-only      # re-check existing results
 
-Order: roofline, train_throughput, group_norm, sampling, pipeline, memory (a fresh process each:
+Order: roofline, train_throughput, group_norm, step_profile, sampling, pipeline, memory (a
+fresh process each:
 pipeline.py needs logical CPU devices before TensorFlow starts; memory.py starts one
 more process per configuration). Then reads their JSON and writes
 ``results/summary.json`` and ``results/summary.md``: the headline table and each target
@@ -22,7 +23,8 @@ from typing import Dict, List, Optional
 
 import benchlib as bl
 
-SCRIPTS = ("roofline", "train_throughput", "group_norm", "sampling", "pipeline", "memory")
+SCRIPTS = ("roofline", "train_throughput", "group_norm", "step_profile", "sampling", "pipeline",
+           "memory")
 
 
 def _row(result: Optional[dict], label: str, key: str = "label") -> Optional[dict]:
@@ -108,6 +110,10 @@ def headline(res: Dict[str, Optional[dict]]) -> List[List[str]]:
     for r in (gn or {}).get("networks", []):
         add(f"group norm, pixels first / earlier: {r['label']} (time)",
             r["package_over_earlier"], "{:.2f}", gn)
+    sp = res.get("step_profile")
+    for r in (sp or {}).get("rows", []):
+        add(f"train step, package / earlier Adam update and group norm: {r['label']} (time)",
+            r["package_over_earlier"], "{:.2f}", sp)
     sa = res.get("sampling")
     for r in (sa or {}).get("rows", []):
         add(f"sample {r['name']} b{r['batch']} (img/s)", r["img_per_s"], "{:.2f}", sa,

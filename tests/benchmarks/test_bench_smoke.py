@@ -22,6 +22,7 @@ import pipeline  # noqa: E402
 import roofline  # noqa: E402
 import run_all  # noqa: E402
 import sampling  # noqa: E402
+import step_profile  # noqa: E402
 import train_throughput  # noqa: E402
 
 # A 2-level, 8-channel U-Net on 8x8 images and a 4-step diffusion: seconds to trace.
@@ -96,6 +97,27 @@ def test_group_norm_baseline_is_the_same_function_and_rows_are_ratios():
     rows = group_norm._ratios(fns, ["l"], rounds=2, calls=1)
     assert rows[0]["label"] == "l" and rows[0]["package_over_earlier"]["n"] == 2
     assert rows[0]["package_over_earlier"]["median"] > 0
+
+
+def test_step_profile_components_of_a_tiny_step(tmp_path):
+    """Every op of a real step lands in a component; the names below have the form the
+    profiler gives a DDPM CIFAR-10 step's events (``node:OpType``, XLA's and the executor's)."""
+    names = {"gradient_tape/unet_1/up1_up_1/conv_1/convolution/Conv2DBackpropInput:"
+             "_MklNativeConv2DBackpropInput": "convolution",
+             "unet_1/up1_res0_1/attn_1/MatMul:_MklBatchMatMulV2": "attention",
+             "unet_1/down1_res0_1/res_1/split:Split": "other network",
+             "global_norm/L2Loss_4:L2Loss": "loss and update",
+             "AddN_29:AddN": "loss and update", " ynn_fusion.1": "group norm",
+             "ExecutorState::ProcessAsync::Start": "group norm",
+             "ExecutorState::Process": "runtime"}
+    assert {n: step_profile.component(n) for n in names} == names
+    step = bl.TrainStep(bl.load("digits", TINY))
+    bl._fetch(step())
+    ms = step_profile.op_profiles({"tiny": step}, runs=1)["tiny"]
+    assert list(ms) == list(step_profile.COMPONENTS)
+    assert ms["convolution"] > 0 and ms["loss and update"] > 0 and ms["attention"] > 0
+    assert os.path.getsize(step_profile.chart({"tiny": {"a": ms, "b": ms}, "again": {"a": ms}},
+                                                str(tmp_path / "p.png"))) > 0
 
 
 def test_targets_and_chart_without_results(tmp_path):
