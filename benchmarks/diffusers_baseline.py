@@ -39,7 +39,7 @@ default), fp32. It differs from the example only where this comparison requires:
   example's own ``get_scheduler("cosine", ...)`` over N steps (and stops at N steps or
   the budget, whichever comes first). No accelerate: on one CPU process it only wraps
   these same calls;
-- sampling: ``DDIMPipeline`` (50 steps, eta 0, the scheduler built with
+- sampling: ``DDIMPipeline`` (50 steps, eta 0 or ``--eta``, the scheduler built with
   ``DDIMScheduler.from_config`` from the training scheduler) from the EMA weights, as
   many images as ``make train`` scores (1,000), instead of the example's DDPM grid.
 
@@ -241,7 +241,7 @@ def cmd_train(args) -> int:
     load_train = os.getloadavg()
     print(f"trained {step} steps in {train_wall:.1f} s wall, {train_cpu:.1f} s CPU", flush=True)
 
-    # Sample from the EMA weights with DDIM-50 (eta 0), as make train's evaluation does.
+    # Sample from the EMA weights with DDIM-50 (--eta), as make train's evaluation does.
     ema.copy_to(model.parameters())
     model.eval()
     pipe = DDIMPipeline(unet=model, scheduler=DDIMScheduler.from_config(noise_scheduler.config))
@@ -250,7 +250,7 @@ def cmd_train(args) -> int:
     began, cpu0, chunks = time.perf_counter(), cpu_seconds(), []
     while sum(len(c) for c in chunks) < args.num_samples:
         n = min(args.sample_batch, args.num_samples - sum(len(c) for c in chunks))
-        out = pipe(batch_size=n, generator=gen, eta=0.0, num_inference_steps=args.sample_steps,
+        out = pipe(batch_size=n, generator=gen, eta=args.eta, num_inference_steps=args.sample_steps,
                    output_type="np").images  # [n, H, W, 1] in [0, 1]
         chunks.append(np.asarray(out, np.float32) * np.float32(2.0) - np.float32(1.0))
         print(f"sampled {sum(len(c) for c in chunks)}/{args.num_samples}", flush=True)
@@ -267,7 +267,7 @@ def cmd_train(args) -> int:
             "final_loss_note": "mean training loss of the last 100 steps",
             "epochs": round(step * args.batch_size / len(x_train), 2),
         },
-        "sampling": {"sampler": "ddim", "steps": args.sample_steps, "eta": 0.0,
+        "sampling": {"sampler": "ddim", "steps": args.sample_steps, "eta": args.eta,
                      "num_samples": int(len(images)), "batch": args.sample_batch,
                      "wall_time_s": round(sample_wall, 2), "cpu_time_s": round(sample_cpu, 2),
                      "img_per_s": round(len(images) / sample_wall, 2)},
@@ -421,6 +421,9 @@ def main(argv=None) -> int:
     t.add_argument("--num-samples", type=int, default=1000)
     t.add_argument("--sample-steps", type=int, default=50)
     t.add_argument("--sample-batch", type=int, default=250)
+    t.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM eta of the sampler (0: deterministic; make train's default "
+                        "sampler uses 0.5)")
     t.add_argument("--beta-schedule", default="linear",
                    choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
     t.add_argument("--lr", type=float, default=1e-4)
