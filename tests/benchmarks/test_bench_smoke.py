@@ -99,6 +99,23 @@ def test_group_norm_baseline_is_the_same_function_and_rows_are_ratios():
     assert rows[0]["package_over_earlier"]["median"] > 0
 
 
+def test_step_profile_self_time_is_duration_less_nested_events():
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    plane = space.planes.add(name="/host:CPU")
+    for i, name in enumerate(["op_a:Conv2D", "op_b:Mul", "op_c:Sum", "wait"], 1):
+        plane.event_metadata[i].name = name
+    ms = 10 ** 9  # picoseconds
+    worker = plane.lines.add(name="tf_Compute/1")
+    for meta, start, length in ((1, 0, 10), (2, 2, 3), (3, 3, 1), (3, 20, 5)):
+        worker.events.add(metadata_id=meta, offset_ps=start * ms, duration_ps=length * ms)
+    plane.lines.add(name="python").events.add(metadata_id=4, offset_ps=0, duration_ps=30 * ms)
+    # a 10 ms op holding a 3 ms op holding a 1 ms one, and the 1 ms op's name again, 5 ms
+    assert step_profile.self_times(space) == {"op_a:Conv2D": 7.0, "op_b:Mul": 2.0,
+                                              "op_c:Sum": 6.0}
+
+
 def test_step_profile_components_of_a_tiny_step(tmp_path):
     """Every op of a real step lands in a component; the names below have the form the
     profiler gives a DDPM CIFAR-10 step's events (``node:OpType``, XLA's and the executor's)."""
