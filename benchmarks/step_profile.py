@@ -179,13 +179,8 @@ def main(rounds: int = 5, runs: int = 3) -> Dict[str, object]:
     for label, (preset, overrides) in CONFIGS.items():
         bl.log(f"step_profile: {label}")
         fns = {v: build(preset, overrides, v) for v in ("earlier", "package")}
-        secs = bl.interleaved(fns, rounds, calls=2, warmup=1, log=bl.log)
-        rows.append({"label": label,
-                     "package_ms": bl.summary([1e3 * s for s in secs["package"]]),
-                     "earlier_ms": bl.summary([1e3 * s for s in secs["earlier"]]),
-                     "package_over_earlier": bl.summary(
-                         [a / b for a, b in zip(secs["package"], secs["earlier"])])})
-        bl.log(f"  step time {rows[-1]['package_over_earlier']['median']:.2f}x the earlier")
+        rows += group_norm._ratios({f"{label} {v}": fn for v, fn in fns.items()}, [label],
+                                   rounds=rounds, calls=2)
         profiles[label] = op_profiles(fns, runs)
         for variant, ms in profiles[label].items():
             bl.log(f"  {variant}: " + ", ".join(f"{c} {v:.0f} ms" for c, v in ms.items()))
