@@ -94,9 +94,10 @@ def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     return w / w.sum(axis=1, keepdims=True)
 
 
-def digits_split(split: str, image_size: int = IMAGE_SIZE) -> np.ndarray:
+def digits_split(split: str, image_size: int = IMAGE_SIZE, labels: bool = False):
     """The project's digits ``split`` ("train"/"test") as float32 ``[N, S, S, 1]`` in
-    [-1, 1], computed with numpy and scikit-learn only."""
+    [-1, 1], computed with numpy and scikit-learn only (with ``labels``: and its int64
+    labels ``[N]``)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -109,7 +110,8 @@ def digits_split(split: str, image_size: int = IMAGE_SIZE) -> np.ndarray:
     idx = np.arange(len(x))
     train, test = train_test_split(idx, test_size=TEST_FRACTION, random_state=SPLIT_SEED,
                                    stratify=bunch.target.astype(np.int32))
-    return x[np.sort(train if split == "train" else test)]
+    keep = np.sort(train if split == "train" else test)
+    return (x[keep], bunch.target[keep].astype(np.int64)) if labels else x[keep]
 
 
 def dataset_identity(images: np.ndarray) -> str:
@@ -135,15 +137,36 @@ def _write_json(path: str, data: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- train (torch)
 
 
-def digits_unet2d(unet2d_model):
+def digits_unet2d(unet2d_model, num_classes: int = 0):
     """diffusers' ``UNet2DModel`` shrunk to the project's digits U-Net (1,112,801
-    parameters; see the module doc)."""
+    parameters; see the module doc). With ``num_classes`` K: a learned embedding of the
+    labels 0..K (K the null label) added to the timestep embedding, as in the project's
+    conditional U-Net (``num_class_embeds``; 1,114,209 parameters at K = 10)."""
     return unet2d_model(
         sample_size=IMAGE_SIZE, in_channels=1, out_channels=1, layers_per_block=1,
         block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8)
+        norm_num_groups=8, num_class_embeds=num_classes + 1 if num_classes else None)
+
+
+def ddim_sample_conditional(torch, model, scheduler, labels, steps: int, eta: float, generator):
+    """DDIMPipeline.__call__'s loop (diffusers 0.42: ``randn_tensor`` noise, ``set_timesteps``,
+    ``scheduler.step(..., eta, generator)``, ``/ 2 + 0.5`` and clamp) with the class labels
+    passed to the U-Net: no diffusers pipeline takes labels for a ``UNet2DModel``.
+    ``[n, H, W, 1]`` numpy in [0, 1], like the pipeline's ``output_type="np"``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    c = model.config
+    x = randn_tensor((len(labels), c.in_channels, c.sample_size, c.sample_size),
+                     generator=generator, dtype=model.dtype)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = model(x, t, class_labels=y).sample
+            x = scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
 def cmd_train(args) -> int:
@@ -156,13 +179,15 @@ def cmd_train(args) -> int:
 
     load_start = os.getloadavg()
 
-    x_train = digits_split("train")
+    x_train, y_train = digits_split("train", labels=True)
     data = torch.from_numpy(np.ascontiguousarray(x_train.transpose(0, 3, 1, 2)))  # NCHW
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(data), batch_size=args.batch_size, shuffle=True,
+        torch.utils.data.TensorDataset(data, torch.from_numpy(y_train)),
+        batch_size=args.batch_size, shuffle=True,
         num_workers=0, generator=torch.Generator().manual_seed(args.seed))
+    k = args.num_classes
 
-    model = digits_unet2d(UNet2DModel)
+    model = digits_unet2d(UNet2DModel, k)
     params = sum(p.numel() for p in model.parameters())
     ema = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
                    inv_gamma=args.ema_inv_gamma, power=args.ema_power,
@@ -215,11 +240,13 @@ def cmd_train(args) -> int:
     timer["began"], timer["cpu0"] = time.perf_counter(), cpu_seconds()
     done = False
     while not done:
-        for (clean,) in loader:
+        for clean, y in loader:
             noise = torch.randn(clean.shape)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],)).long()
             noisy = noise_scheduler.add_noise(clean, noise, t)
-            pred = model(noisy, t).sample
+            if k:  # labels dropped to the null label k with probability --class-dropout
+                y = torch.where(torch.rand(y.shape) < args.class_dropout, k, y)
+            pred = model(noisy, t, class_labels=y if k else None).sample
             loss = F.mse_loss(pred.float(), noise.float())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -241,7 +268,8 @@ def cmd_train(args) -> int:
     load_train = os.getloadavg()
     print(f"trained {step} steps in {train_wall:.1f} s wall, {train_cpu:.1f} s CPU", flush=True)
 
-    # Sample from the EMA weights with DDIM-50 (--eta), as make train's evaluation does.
+    # Sample from the EMA weights with DDIM-50 (--eta), as make train's evaluation does
+    # (a conditional model: labels 0..K-1 cycled, as make train's evaluation samples them).
     ema.copy_to(model.parameters())
     model.eval()
     pipe = DDIMPipeline(unet=model, scheduler=DDIMScheduler.from_config(noise_scheduler.config))
@@ -249,9 +277,16 @@ def cmd_train(args) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     began, cpu0, chunks = time.perf_counter(), cpu_seconds(), []
     while sum(len(c) for c in chunks) < args.num_samples:
-        n = min(args.sample_batch, args.num_samples - sum(len(c) for c in chunks))
-        out = pipe(batch_size=n, generator=gen, eta=args.eta, num_inference_steps=args.sample_steps,
-                   output_type="np").images  # [n, H, W, 1] in [0, 1]
+        done_n = sum(len(c) for c in chunks)
+        n = min(args.sample_batch, args.num_samples - done_n)
+        if k:
+            out = ddim_sample_conditional(torch, model, pipe.scheduler,
+                                          np.arange(done_n, done_n + n) % k,
+                                          args.sample_steps, args.eta, gen)
+        else:
+            out = pipe(batch_size=n, generator=gen, eta=args.eta,
+                       num_inference_steps=args.sample_steps,
+                       output_type="np").images  # [n, H, W, 1] in [0, 1]
         chunks.append(np.asarray(out, np.float32) * np.float32(2.0) - np.float32(1.0))
         print(f"sampled {sum(len(c) for c in chunks)}/{args.num_samples}", flush=True)
     sample_wall = time.perf_counter() - began
@@ -285,6 +320,7 @@ def cmd_train(args) -> int:
                     "inv_gamma": args.ema_inv_gamma, "power": args.ema_power,
                     "final_decay": float(ema.cur_decay_value)},
             "precision": "float32", "seed": args.seed,
+            "num_classes": k, "class_dropout": args.class_dropout if k else None,
         },
         "data": {"train_images": len(x_train), "identity": dataset_identity(x_train)},
         "environment": {
@@ -429,6 +465,11 @@ def main(argv=None) -> int:
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-steps", type=int, default=500)
     t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--num-classes", type=int, default=0,
+                   help="class-conditional on the digit labels (10), with a null label for "
+                        "--class-dropout; sampled with labels 0..K-1 cycled (0: unconditional)")
+    t.add_argument("--class-dropout", type=float, default=0.1,
+                   help="probability that a training label is replaced by the null label")
     t.add_argument("--ema-max-decay", type=float, default=0.9999)
     t.add_argument("--ema-inv-gamma", type=float, default=1.0)
     t.add_argument("--ema-power", type=float, default=0.75)

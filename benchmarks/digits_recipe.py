@@ -13,7 +13,8 @@ is the wall time of the default recipe's ``--budget-steps`` steps (3,000: ``make
 relative to the default's, measured first on this machine (``benchlib.TrainStep``,
 interleaved rounds of every recipe and the default in one process; a recipe that changes
 neither the network nor the batch, e.g. the loss weighting or the EMA, costs what the
-default costs and is not measured): a faster step buys more steps, and the cosine
+default costs and is not measured; a rate is measured once, so every seed of a recipe gets
+the same steps, ``--recalibrate`` measures it again): a faster step buys more steps, and the cosine
 learning-rate decay ends at the budget. A ratio, not seconds,
 because this shared machine's speed drifts (seen: 2x within a day); what a run learns
 depends on its steps, not on how long they took.
@@ -49,25 +50,39 @@ NAME = "digits_recipe"
 BUDGET_STEPS = 3000  # the default recipe's steps (make train's)
 POINTS = 3  # scored checkpoints per run (--points): at 1/3, 2/3 and the end
 
+#: overrides that make pipeline_configs/digits.yaml the unconditional network it was until
+#: 2026-12-04: every recipe after "uncond" was measured on that base and keeps it
+UNCOND = ["model.num_classes=0", "data.use_labels=false"]
 #: recipe -> overrides of pipeline_configs/digits.yaml
 RECIPES: Dict[str, List[str]] = {
+    # make train's: class-conditional on the labels (sampled with labels 0..9 cycled, as
+    # the held-out digits are near-uniform over them; 10% of the training labels dropped
+    # to the null label, so the CFG variants work too); its runs before it became the
+    # default (2026-12-04) were recorded as the recipe "cond"
     "default": [],
-    "minsnr5": ["diffusion.min_snr_gamma=5"],
-    "vpred": ["diffusion.mean_type=v"],
-    "ema999": ["training.ema_decay=0.999"],
-    "ema999_minsnr5": ["training.ema_decay=0.999", "diffusion.min_snr_gamma=5"],
-    "dropout0": ["model.dropout=0"],
-    "noattn": ["model.attn_resolutions=[]"],
-    "ch48": ["model.ch=48"],
-    "batch128": ["training.batch_size=128"],
-    "lr1e-3": ["training.lr=1e-3"],
+    "uncond": UNCOND,  # the default until 2026-12-04, recorded as "default" then
+    # attention heads of 8 channels, as diffusers' UNet2DModel (attention_head_dim 8)
+    "heads8": ["model.num_heads=8"],
+    **{name: UNCOND + sets for name, sets in {
+        "minsnr5": ["diffusion.min_snr_gamma=5"],
+        "vpred": ["diffusion.mean_type=v"],
+        "ema999": ["training.ema_decay=0.999"],
+        "ema999_minsnr5": ["training.ema_decay=0.999", "diffusion.min_snr_gamma=5"],
+        "dropout0": ["model.dropout=0"],
+        "noattn": ["model.attn_resolutions=[]"],
+        "ch48": ["model.ch=48"],
+        "batch128": ["training.batch_size=128"],
+        "lr1e-3": ["training.lr=1e-3"],
+    }.items()},
 }
 #: sampler variants scored on the final checkpoint of each run besides eval's DDIM-50
-#: (sampler, steps, eta, network precision)
+#: (sampler, steps, eta, network precision[, classifier-free guidance scale])
 SAMPLERS = {"ddim100": ("ddim", 100, 0.0, "float32"), "ddim50_eta0": ("ddim", 50, 0.0, "float32"),
+            "ddim50_eta0.25": ("ddim", 50, 0.25, "float32"),
             "ddim50_eta0.5": ("ddim", 50, 0.5, "float32"), "ddim50_eta0.75": ("ddim", 50, 0.75, "float32"),
             "ddim50_eta1": ("ddim", 50, 1.0, "float32"), "ddim100_eta0.5": ("ddim", 100, 0.5, "float32"),
-            "ddpm250": ("ddpm", 250, 0.0, "float32"), "ddim50_bf16": ("ddim", 50, 0.0, "bfloat16")}
+            "ddpm250": ("ddpm", 250, 0.0, "float32"), "ddim50_bf16": ("ddim", 50, 0.0, "bfloat16"),
+            **{f"cfg{w:g}_eta0.5": ("ddim", 50, 0.5, "float32", w) for w in (0.75, 1.25, 1.5, 2.0)}}
 SCORES = ("fid", "inception_score", "precision", "recall", "near_copies")
 
 
@@ -152,12 +167,13 @@ def score_checkpoints(workdir: str, steps: Sequence[int], samplers: Sequence[str
     from ipu_diffusion.inference import Pipeline
     from ipu_diffusion.inference.generate import sample_images
 
-    def score(pipe, sampler, n, eta, precision="float32"):
+    def score(pipe, sampler, n, eta, precision="float32", cfg_scale=None):
         if precision != pipe.cfg.eval.precision:
             pipe = Pipeline.from_workdir(workdir, [f"eval.precision={precision}"], step=pipe.step)
         began = time.time()
+        guide = {} if cfg_scale is None else {"guidance": "cfg", "scale": cfg_scale}
         images = sample_images(pipe, pipe.cfg.eval.num_samples, pipe.cfg.run.seed,
-                               sampler=sampler, steps=n, eta=eta, progress=False)
+                               sampler=sampler, steps=n, eta=eta, progress=False, **guide)
         q = _quality(pipe, images, verbose=False)
         return dict({k: q[k] for k in SCORES}, seconds=round(time.time() - began, 1))
 
@@ -327,6 +343,8 @@ def main(argv=None) -> int:
     p.add_argument("--samplers", default="", help="also score the final checkpoint with: "
                    + ", ".join(SAMPLERS))
     p.add_argument("--points", type=int, default=POINTS, help="scored checkpoints per run")
+    p.add_argument("--recalibrate", action="store_true", help="measure the step rates of "
+                   "--recipes again (default: only those without a recorded rate)")
     p.add_argument("--report", action="store_true", help="only rewrite the summary and chart")
     p.add_argument("--rescore", action="store_true", help="no training: score --samplers on "
                    "the final checkpoints of the recorded runs of --recipes and --seeds")
@@ -351,8 +369,11 @@ def main(argv=None) -> int:
                                    for k, v in scores["samplers"].items()))
                 _save(payload, a.budget_steps, [_key(recipe, seed, a.budget_steps)])
     elif not a.report:
-        payload["calibration"].update(calibrate(recipes))
-        payload["calibration_environment"] = bl.environment()
+        # seeds of a recipe get the same steps: its recorded rate unless --recalibrate
+        todo = recipes if a.recalibrate else [r for r in recipes if r not in payload["calibration"]]
+        if todo:
+            payload["calibration"].update(calibrate(todo))
+            payload["calibration_environment"] = bl.environment()
         os.makedirs(RUNS, exist_ok=True)
         for seed in [int(s) for s in a.seeds.split(",")]:
             for recipe in recipes:

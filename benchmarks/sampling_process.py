@@ -16,7 +16,9 @@ Each round runs, in this order:
   parameters, random weights: the cost does not depend on them), batches of 250,
   ``torch.set_num_threads(2)``, ``OMP_WAIT_POLICY=PASSIVE`` (see diffusers_baseline.py).
 
-``W`` defaults to a 1-step digits run made once in a temporary directory (not timed);
+``W`` defaults to a 1-step digits run made once in a temporary directory (not timed),
+unconditional (``model.num_classes=0``) like the diffusers side and like the digits
+default when the recorded figures were measured;
 ``--workdir runs/digits`` samples the real ``make train`` run. Ratios are per round
 (ours / diffusers, lower is faster), median and spread over rounds. The fp32 samples'
 sha256 is recorded, so a later change can show its samples are unchanged bit for bit.
@@ -82,7 +84,8 @@ def _make_workdir(tmp: str, env: Dict[str, str]) -> str:
     workdir = os.path.join(tmp, "digits_1step")
     _timed([PY, "-m", "ipu_diffusion", "train", "--config", "digits", "--workdir", workdir,
             "--set", "training.steps=1", "--set", "eval.num_samples=0",
-            "--set", "training.num_sample_images=0"], env)
+            "--set", "training.num_sample_images=0",
+            "--set", "model.num_classes=0", "--set", "data.use_labels=false"], env)
     return workdir
 
 

@@ -57,8 +57,8 @@ def test_interpolation_endpoints_are_the_encoded_latents():
     (["sample", "--workdir", "W", "--guidance", "classifier"], "needs --classifier DIR"),
     (["sample", "--workdir", "W", "--guidance", "classifier", "--classifier", "/nonexistent"],
      "holds no classifier.json"),
-    (["train-classifier", "--config", "pipeline_configs/digits.yaml", "--workdir", "W"],
-     "model.num_classes: 0"),
+    (["train-classifier", "--config", "pipeline_configs/digits.yaml", "--workdir", "W",
+      "--set", "model.num_classes=0", "--set", "data.use_labels=false"], "model.num_classes: 0"),
 ])
 def test_cli_flag_errors_are_one_clear_line(argv, message, capsys, tmp_path):
     argv = [str(tmp_path / a) if a in ("W", "C") else a for a in argv]

@@ -232,7 +232,8 @@ def plan_info(cfg, params_per_block=1000):
 
 def extra_shapes(cfg):
     img = (cfg.image_size, cfg.image_size, cfg.in_channels)
-    return {"x0": img, "x_t": img, "noise": img, "t": (), "key": (), "weight": ()}
+    label = {"y": ()} if cfg.num_classes else {}
+    return {"x0": img, "x_t": img, "noise": img, "t": (), "key": (), "weight": (), **label}
 
 
 # --------------------------------------------------------------------------- liveness

@@ -13,9 +13,15 @@ from pipeline_fakes import extra_shapes, plan_info
 from ipu_diffusion.models.carry import BlockSpec
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "pipeline_configs")
-# the trainer's objective blocks (ipu_diffusion/training/objective.py), unconditional
-FRONT = BlockSpec("front", ("x0", "key"), ("x_t", "t", "noise", "weight"))
+# the trainer's objective blocks (ipu_diffusion/training/objective.py); a class-conditional
+# model's front also takes and passes on the labels y
 LOSS = BlockSpec("loss", ("out", "x0", "x_t", "t", "noise", "weight"), ("loss",))
+
+
+def _front(model):
+    label = ("y",) if model.num_classes else ()
+    return BlockSpec("front", ("x0", "key") + label, ("x_t", "t", "noise", "weight") + label)
+
 
 CONFIGS = {  # ours -> (source config, stages, first blocks of stages 1..S-1)
     "digits_2stage.yaml": ("digits.yaml", 2, ("up1_res1",)),
@@ -41,7 +47,7 @@ def test_config_loads_and_plans(name):
     assert cfg.training.batch_size % cfg.pipeline.microbatches == 0
     plans = plan_unet(cfg.model)
     costs = [block_flops(cfg.model, p) for p in plans]
-    part = make_partition([p.spec for p in plans], cfg.pipeline, FRONT, LOSS, costs)
+    part = make_partition([p.spec for p in plans], cfg.pipeline, _front(cfg.model), LOSS, costs)
     assert tuple(part.stage_blocks(s)[0] for s in range(1, stages)) == firsts
     table = summary_table(part, plan_info(cfg.model), cfg.training.batch_size // cfg.pipeline.microbatches,
                           extra_shapes(cfg.model), cfg.pipeline.microbatches, cfg.pipeline.schedule,
@@ -53,7 +59,7 @@ def test_digits_4stage_blocks_per_stage_is_the_flop_balance():
     cfg = _load("digits_4stage_grouped.yaml")
     plans = plan_unet(cfg.model)
     pipeline = type(cfg.pipeline)(stages=4)  # neither cuts nor blocks_per_stage: automatic
-    auto = make_partition([p.spec for p in plans], pipeline, FRONT, LOSS,
+    auto = make_partition([p.spec for p in plans], pipeline, _front(cfg.model), LOSS,
                           [block_flops(cfg.model, p) for p in plans])
     assert tuple(b - a for a, b in auto.ranges) == cfg.pipeline.blocks_per_stage
 
@@ -63,6 +69,6 @@ def test_config_passes_the_ipu_plan(name):
     ipu_plan = pytest.importorskip("ipu_diffusion.pipeline.ipu_plan")
     cfg = _load(name)
     plans = plan_unet(cfg.model)
-    part = make_partition([p.spec for p in plans], cfg.pipeline, FRONT, LOSS)
+    part = make_partition([p.spec for p in plans], cfg.pipeline, _front(cfg.model), LOSS)
     plan = ipu_plan.ipu_plan(cfg, part)
     assert plan.num_stages == cfg.pipeline.stages and not plan.notes
