@@ -29,7 +29,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from machine import bar_chart, cpu_flags, cpu_model, cpu_seconds, summary  # noqa: E402,F401 (re-exported)
+from machine import (  # noqa: E402,F401 (re-exported)
+    DIGITS_UNCONDITIONAL, bar_chart, cpu_flags, cpu_model, cpu_seconds, summary)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CONFIGS = os.path.join(ROOT, "pipeline_configs")

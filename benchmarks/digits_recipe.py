@@ -8,12 +8,13 @@ digits classifier's FID/IS/precision/recall and the near-copy check).
     .venv/bin/python benchmarks/digits_recipe.py --report                 # table + chart only
 
 A recipe is a list of ``--set`` overrides of ``pipeline_configs/digits.yaml``. The budget
-is the wall time of the default recipe's ``--budget-steps`` steps (3,000: ``make train``'s,
-437 s of training on 2 idle cores at the benchmark rate). Each recipe gets the steps that fit in that time at its own rate
-relative to the default's, measured first on this machine (``benchlib.TrainStep``,
-interleaved rounds of every recipe and the default in one process; a recipe that changes
-neither the network nor the batch, e.g. the loss weighting or the EMA, costs what the
-default costs and is not measured; a rate is measured once, so every seed of a recipe gets
+is the wall time of ``--budget-steps`` steps (3,000: ``make train``'s) of the reference
+recipe, the unconditional network (the default until 2026-12-04; the conditional default
+runs at 0.990x its rate, so 2,970 steps). Each recipe gets the steps that fit in that time
+at its own rate relative to the reference's, measured first on this machine
+(``benchlib.TrainStep``, interleaved rounds of every recipe and the reference in one
+process; a recipe whose network and batch are the reference's, e.g. a loss weighting or the
+EMA, costs what it costs and is not measured; a rate is measured once, so every seed of a recipe gets
 the same steps, ``--recalibrate`` measures it again): a faster step buys more steps, and the cosine
 learning-rate decay ends at the budget. A ratio, not seconds,
 because this shared machine's speed drifts (seen: 2x within a day); what a run learns
@@ -23,7 +24,7 @@ Each run is the real command, ``python -m ipu_diffusion train``, timed whole as 
 train`` would be (start-up, training, sample grid, the end-of-run evaluation; the fp32
 matmul rate measured right after says how fast the machine was running). Its checkpoints
 at 1/3 and 2/3 of the steps are then scored the same way in another process: the chart's
-curves (FID and precision against training time, one line per recipe; the time in default
+curves (FID and precision against training time, one line per recipe; the time in reference
 steps, since measured seconds depend on the machine's load).
 
 Writes ``results/digits_recipe.json`` (runs accumulate across invocations, keyed by recipe,
@@ -47,12 +48,13 @@ sys.path.insert(0, ROOT)
 
 RUNS = os.path.join(ROOT, "runs", "digits_recipe")
 NAME = "digits_recipe"
-BUDGET_STEPS = 3000  # the default recipe's steps (make train's)
+BUDGET_STEPS = 3000  # the reference recipe's steps (make train's)
 POINTS = 3  # scored checkpoints per run (--points): at 1/3, 2/3 and the end
 
-#: overrides that make pipeline_configs/digits.yaml the unconditional network it was until
-#: 2026-12-04: every recipe after "uncond" was measured on that base and keeps it
-UNCOND = ["model.num_classes=0", "data.use_labels=false"]
+# the unconditional network, the default until 2026-12-04: every recipe after "uncond"
+# below was measured on that base and keeps it
+from machine import DIGITS_UNCONDITIONAL as UNCOND  # noqa: E402
+
 #: recipe -> overrides of pipeline_configs/digits.yaml
 RECIPES: Dict[str, List[str]] = {
     # make train's: class-conditional on the labels (sampled with labels 0..9 cycled, as
@@ -75,6 +77,8 @@ RECIPES: Dict[str, List[str]] = {
         "lr1e-3": ["training.lr=1e-3"],
     }.items()},
 }
+#: the recipe whose step rate the budget and the others' rates are measured against
+REFERENCE = "uncond"
 #: sampler variants scored on the final checkpoint of each run besides eval's DDIM-50
 #: (sampler, steps, eta, network precision[, classifier-free guidance scale])
 SAMPLERS = {"ddim100": ("ddim", 100, 0.0, "float32"), "ddim50_eta0": ("ddim", 50, 0.0, "float32"),
@@ -93,12 +97,12 @@ def _config(recipe: str, extra: Sequence[str] = ()):
 
 
 def calibrate(recipes: Sequence[str], rounds: int = 3, calls: int = 20) -> Dict[str, dict]:
-    """Training images per second of each recipe's compiled step (and the default's),
-    interleaved rounds; ``relative``: each round's rate over the default's in that round."""
+    """Training images per second of each recipe's compiled step (and the reference's),
+    interleaved rounds; ``relative``: each round's rate over the reference's in that round."""
     import benchlib as bl
 
-    same = [r for r in recipes if r != "default" and not _changes_compute(r)]
-    recipes = ["default"] + [r for r in recipes if r != "default" and r not in same]
+    same = [r for r in recipes if r != REFERENCE and not _changes_compute(r)]
+    recipes = [REFERENCE] + [r for r in recipes if r != REFERENCE and r not in same]
     if len(recipes) == 1:
         recipes = []
     steps = {r: bl.TrainStep(_config(r)) for r in recipes}
@@ -107,25 +111,31 @@ def calibrate(recipes: Sequence[str], rounds: int = 3, calls: int = 20) -> Dict[
     secs = bl.interleaved(steps, rounds, calls=calls, log=bl.log) if steps else {}
     img_s = {r: [steps[r].cfg.training.batch_size / s for s in secs[r]] for r in recipes}
     out = {r: dict(bl.summary(v), relative=bl.summary(
-        [a / d for a, d in zip(v, img_s["default"])])) for r, v in img_s.items()}
+        [a / d for a, d in zip(v, img_s[REFERENCE])])) for r, v in img_s.items()}
     for r in same:
         out[r] = {"relative": {"median": 1.0}, "note": "same network and batch as the "
-                  "default: the same step cost by construction, not measured"}
-    out.setdefault("default", {"relative": {"median": 1.0}, "note": "the reference"})
+                  "reference: the same step cost by construction, not measured"}
+    out.setdefault(REFERENCE, {"relative": {"median": 1.0}, "note": "the reference"})
     return out
 
 
 def _changes_compute(recipe: str) -> bool:
-    """Whether the recipe changes what a training step computes: the network (other than
-    its dropout rate) or the batch. Objective, EMA and learning-rate recipes do not."""
-    return any(o.startswith(("model.", "training.batch_size")) and not o.startswith("model.dropout")
-               for o in RECIPES[recipe])
+    """Whether the recipe's training step computes something else than the reference's:
+    another network (other than its dropout rate) or batch. Objective, EMA and
+    learning-rate recipes do not."""
+    from ipu_diffusion.config import to_dict
+
+    def compute(name):
+        cfg = to_dict(_config(name))
+        return dict(cfg["model"], dropout=None), cfg["training"]["batch_size"]
+
+    return compute(recipe) != compute(REFERENCE)
 
 
 def _steps_for(recipe: str, relative: float, budget_steps: int, points: int) -> int:
-    """Steps of ``recipe`` in the default's ``budget_steps`` steps' time (a multiple of
+    """Steps of ``recipe`` in the reference's ``budget_steps`` steps' time (a multiple of
     ``points``: a checkpoint at each 1/points)."""
-    default_batch = _config("default").training.batch_size
+    default_batch = _config(REFERENCE).training.batch_size
     batch = _config(recipe).training.batch_size
     steps = budget_steps * relative * default_batch / batch
     return max(points, int(round(steps / points)) * points)
@@ -235,7 +245,8 @@ def _variants(run: dict) -> Dict[str, dict]:
 
 def summarise(runs: Dict[str, dict], budget: int) -> Dict[str, dict]:
     """Per recipe and sampler at ``budget``: mean, min and max of the final checkpoint's
-    scores over the seeds that have that sampler scored."""
+    scores over the seeds that have that sampler scored, and of each seed's FID over its
+    own real-data floor (``fid_over_floor``: the held-out split depends on the seed)."""
     import numpy as np
 
     by_recipe: Dict[str, List[dict]] = {}
@@ -247,11 +258,13 @@ def summarise(runs: Dict[str, dict], budget: int) -> Dict[str, dict]:
         row = {"seeds": sorted(r["seed"] for r in rs), "steps": rs[0]["steps"],
                "command_wall_s": [r["command_wall_s"] for r in rs],
                "img_per_s": [r["metrics"]["img_per_s"] for r in rs], "samplers": {}}
-        scored = [(r["seed"], _variants(r)) for r in rs]
+        scored = [(r["seed"], {name: dict(v, fid_over_floor=v["fid"] / floor)
+                               for name, v in _variants(r).items()})
+                  for r in rs for floor in [r["metrics"]["eval"]["floor_fid"]]]
         for name in sorted({n for _, v in scored for n in v}):
             got = sorted((seed, v[name]) for seed, v in scored if name in v)
             stats = row["samplers"][name] = {"seeds": [seed for seed, _ in got]}
-            for k in SCORES:
+            for k in SCORES + ("fid_over_floor",):
                 vals = [v[k] for _, v in got]
                 stats[k] = {"mean": float(np.mean(vals)), "min": float(min(vals)),
                             "max": float(max(vals))}
@@ -277,13 +290,14 @@ def markdown(payload: dict, budget: int) -> str:
         rows.append(f"| real train vs test (floor) | | | {floor['floor_fid']:.3f} | "
                     f"{floor['floor_inception_score']:.2f} | {floor['floor_precision']:.3f} / "
                     f"{floor['floor_recall']:.3f} | |")
-    rows += ["", "| recipe | sampler | seeds | FID | IS | precision | recall | near copies |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows += ["", "| recipe | sampler | seeds | FID | FID / floor | IS | precision | recall "
+             "| near copies |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     cell = "{mean:.3f} [{min:.3f}, {max:.3f}]".format
     for recipe, row in sorted(summarise(payload["runs"], budget).items()):
         for name, v in row["samplers"].items():
             rows.append(f"| {recipe} | {name} | {','.join(map(str, v['seeds']))} | "
-                        + " | ".join(cell(**v[k]) for k in SCORES[:4])
+                        + " | ".join(cell(**v[k]) for k in ("fid", "fid_over_floor")
+                                     + SCORES[1:4])
                         + f" | {100 * v['near_copies']['mean']:.1f}% |")
     return "\n".join(rows)
 
@@ -302,7 +316,7 @@ def chart(payload: dict, budget: int) -> str:
         rs = [r for r in payload["runs"].values() if r["recipe"] == recipe and r["budget_steps"] == budget]
         for run in sorted(rs, key=lambda r: r["seed"]):
             pts = sorted((int(s), p) for s, p in run["scores"]["points"].items())
-            # the time of the default's steps: every run ends at the budget by construction
+            # the time of the reference's steps: every run ends at the budget by construction
             secs = [s / run["steps"] * budget for s, _ in pts]
             # the checkpoints are scored with the run's eval sampler: one line style each
             own = _own_sampler(run)
@@ -318,12 +332,12 @@ def chart(payload: dict, budget: int) -> str:
                                                           "precision (higher is better)")):
         if floor:
             ax.axhline(floor["floor_" + key], color="k", ls="--", lw=1, label="real-data floor")
-        ax.set_xlabel("training time, in steps of the default recipe (make train: 3,000)")
+        ax.set_xlabel("training time, in steps of the unconditional network (make train: 3,000)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"digits recipes in the time of {budget:,} default steps "
+    fig.suptitle(f"digits recipes in the time of {budget:,} reference steps "
                  "(1,000 DDIM-50 samples per point)")
     fig.tight_layout()
     path = bl.chart_path(f"{NAME}_{budget}")
@@ -339,7 +353,7 @@ def main(argv=None) -> int:
                    + ", ".join(RECIPES))
     p.add_argument("--seeds", default="0")
     p.add_argument("--budget-steps", type=int, default=BUDGET_STEPS,
-                   help="the budget: the time of this many steps of the default recipe")
+                   help="the budget: the time of this many steps of the reference recipe")
     p.add_argument("--samplers", default="", help="also score the final checkpoint with: "
                    + ", ".join(SAMPLERS))
     p.add_argument("--points", type=int, default=POINTS, help="scored checkpoints per run")
@@ -380,7 +394,7 @@ def main(argv=None) -> int:
                 rel = payload["calibration"][recipe]["relative"]["median"]
                 steps = _steps_for(recipe, rel, a.budget_steps, a.points)
                 workdir = os.path.join(RUNS, f"{recipe}_s{seed}_{a.budget_steps}")
-                bl.log(f"{recipe} seed {seed}: {steps} steps ({rel:.3f}x the default's rate)")
+                bl.log(f"{recipe} seed {seed}: {steps} steps ({rel:.3f}x the reference's rate)")
                 run = train_run(recipe, seed, steps, a.points, workdir)
                 run.update(recipe=recipe, seed=seed, budget_steps=a.budget_steps, steps=steps,
                            environment=bl.environment(), matmul_gflops_after=matmul_gflops(),

@@ -103,11 +103,11 @@ def _with(name: str, build: Callable[[], Callable[[], object]]) -> Callable[[], 
 
 
 def _sampling_network(precision: str, parts: int = 0):
-    """The digits sampling network (``denoise_fn_for`` in ``parts`` calls; 0: the
+    """The unconditional digits sampling network (``denoise_fn_for`` in ``parts`` calls; 0: the
     config's ``eval.parallel_calls``) and an input batch ``(x_t, t)`` of ``eval.batch_size``."""
     from ipu_diffusion.inference.generate import build_sampling_unet, denoise_fn_for
 
-    cfg = bl.load("digits", [f"eval.precision={precision}"])
+    cfg = bl.load("digits", bl.DIGITS_UNCONDITIONAL + [f"eval.precision={precision}"])
     unet = build_sampling_unet(cfg)  # the cost does not depend on the weights
     b = cfg.eval.batch_size
     x = tf.random.stateless_normal([b, 16, 16, 1], (7, 8))

@@ -1,7 +1,8 @@
 """Benchmark helpers that import neither TensorFlow nor PyTorch, so the TF benchmarks
 (benchlib) and the PyTorch baselines (.venv-torch) share them: the machine (CPU model,
 flags, this process's CPU seconds), the statistics every result reports, and how a
-PyTorch baseline starts torch."""
+PyTorch baseline starts torch; and the overrides that make the digits config the
+unconditional network the sampling benchmarks and their diffusers counterpart measure."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,12 @@ import platform
 import statistics
 import sys
 from typing import Dict, Iterable, List, Optional, Sequence
+
+#: ``--set`` overrides of pipeline_configs/digits.yaml: the unconditional digits network (the
+#: default until 2026-12-04, when it became class-conditional). The sampling benchmarks
+#: measure it, like diffusers' unconditional side and the figures recorded before then; a
+#: class label adds one embedding lookup per step.
+DIGITS_UNCONDITIONAL = ["model.num_classes=0", "data.use_labels=false"]
 
 
 def cpu_model() -> str:

@@ -13,7 +13,8 @@ inside; DDIM respaces the 1000-step cosine diffusion uniformly) over
 same ``denoise_fn`` under ``tf.function`` at the same batch. All are measured in
 interleaved rounds; a short chain is called several times per sample so every sample
 takes a comparable time. ``overhead`` = (chain seconds / steps) / forward seconds - 1.
-The network is untrained (sampling cost does not depend on the weights).
+The network is untrained (sampling cost does not depend on the weights) and, except for
+``guidance``, unconditional (``benchlib.DIGITS_UNCONDITIONAL``).
 
 ``precision``: the same DDIM chain at ``eval.batch_size`` (250) with the network in float32
 and in bfloat16 (``eval.precision`` / ``sample --precision bfloat16``), interleaved;
@@ -194,7 +195,7 @@ def guidance_rows(cfg, steps: int, batches, rounds: int, log=None) -> Dict[str, 
 
 def main() -> Dict[str, object]:
     def rows(full):
-        cfg, batch = bl.load("digits"), 64 if full else 8
+        cfg, batch = bl.load("digits", bl.DIGITS_UNCONDITIONAL), 64 if full else 8
         bl.log(f"sampling: digits, batch {batch}, load {os.getloadavg()[0]:.2f}")
         res = measure(cfg, batch, (100, 50, 20, 10) if full else (50, 10),
                       rounds=5 if full else 3, target_s=2.0 if full else 0.5, log=bl.log)
@@ -228,7 +229,7 @@ def _write(name: str, rows: Callable[[bool], Dict[str, object]]) -> Dict[str, ob
 
 def main_precision() -> Dict[str, object]:
     return _write("sampling_precision", lambda full: precision_rows(
-        bl.load("digits"), 50 if full else 10, rounds=7 if full else 5, log=bl.log))
+        bl.load("digits", bl.DIGITS_UNCONDITIONAL), 50 if full else 10, rounds=7 if full else 5, log=bl.log))
 
 
 def main_guidance() -> Dict[str, object]:
@@ -242,7 +243,7 @@ def main_guidance() -> Dict[str, object]:
 
 def main_parts() -> Dict[str, object]:
     return _write("sampling_parts", lambda full: parts_rows(
-        bl.load("digits"), 50 if full else 10, rounds=7 if full else 5, log=bl.log))
+        bl.load("digits", bl.DIGITS_UNCONDITIONAL), 50 if full else 10, rounds=7 if full else 5, log=bl.log))
 
 
 if __name__ == "__main__":

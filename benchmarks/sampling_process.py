@@ -39,7 +39,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from machine import bar_chart, cpu_flags, cpu_model, summary  # no TF, no torch
+from machine import DIGITS_UNCONDITIONAL, bar_chart, cpu_flags, cpu_model, summary  # no TF, no torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -84,8 +84,8 @@ def _make_workdir(tmp: str, env: Dict[str, str]) -> str:
     workdir = os.path.join(tmp, "digits_1step")
     _timed([PY, "-m", "ipu_diffusion", "train", "--config", "digits", "--workdir", workdir,
             "--set", "training.steps=1", "--set", "eval.num_samples=0",
-            "--set", "training.num_sample_images=0",
-            "--set", "model.num_classes=0", "--set", "data.use_labels=false"], env)
+            "--set", "training.num_sample_images=0"]
+           + [a for o in DIGITS_UNCONDITIONAL for a in ("--set", o)], env)
     return workdir
 
 

@@ -65,10 +65,10 @@ def test_train_step_pipeline_and_memory_child(tmp_path):
 
 
 def test_sampling_tiny():
-    res = sampling.measure(bl.load("digits", TINY), 2, (2,), rounds=1, target_s=0.0)
+    res = sampling.measure(bl.load("digits", TINY + bl.DIGITS_UNCONDITIONAL), 2, (2,), rounds=1, target_s=0.0)
     assert [r["name"] for r in res["rows"]] == ["ddpm4", "ddim2"]
     assert all(math.isfinite(r["overhead_vs_forward"]["median"]) for r in res["rows"])
-    prec = sampling.precision_rows(bl.load("digits", TINY + ["eval.batch_size=2"]), 2, rounds=1)
+    prec = sampling.precision_rows(bl.load("digits", TINY + bl.DIGITS_UNCONDITIONAL + ["eval.batch_size=2"]), 2, rounds=1)
     assert sorted(prec["img_per_s"]) == ["bfloat16", "float32"] and prec["batch"] == 2
     assert math.isfinite(prec["bf16_speedup"]["median"])
     cfg = sampling.guidance_rows(bl.load("digits_cond", TINY), 2, (3,), rounds=1)
@@ -76,7 +76,7 @@ def test_sampling_tiny():
     assert sorted(cfg["rows"][0]["step_s"]) == ["cfg", "cfg_one_call", "conditional"]
     assert all(math.isfinite(r[k]["median"]) and r[k]["median"] > 0
                for r in cfg["rows"] for k in ("cfg_cost", "cfg_one_call_cost"))
-    parts = sampling.parts_rows(bl.load("digits", TINY + ["eval.batch_size=3"]), 2, rounds=1)
+    parts = sampling.parts_rows(bl.load("digits", TINY + bl.DIGITS_UNCONDITIONAL + ["eval.batch_size=3"]), 2, rounds=1)
     assert sorted(parts["img_per_s"]) == ["2_parts", "one_call"] and parts["batch"] == 3
     assert math.isfinite(parts["parts_speedup"]["median"])
 
@@ -177,6 +177,7 @@ def test_digits_recipe_budget_and_merged_results(tmp_path, monkeypatch):
     # each sampler over the seeds that scored it, never mixed across samplers
     assert summary["samplers"]["ddim50_eta0"]["seeds"] == [0, 1]
     assert summary["samplers"]["ddim50_eta0"]["fid"] == {"mean": 0.375, "min": 0.25, "max": 0.5}
+    assert summary["samplers"]["ddim50_eta0"]["fid_over_floor"]["mean"] == pytest.approx(3.75)
     assert summary["samplers"]["ddim50_eta0.5"]["seeds"] == [1]
     assert summary["samplers"]["ddim50_eta0.5"]["precision"]["mean"] == 0.75
     assert "| default | ddim50_eta0 | 0,1 | 0.375 [0.250, 0.500] |" in digits_recipe.markdown(both, 9)
