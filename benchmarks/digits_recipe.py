@@ -230,7 +230,7 @@ def _key(recipe: str, seed: int, budget: int) -> str:
 
 def _own_sampler(run: dict) -> str:
     """The name of the sampler eval used in ``run`` (as in ``SAMPLERS`` when it is one of
-    them; the default's eval eta changed from 0 to 0.5 between runs)."""
+    them; the default's eval eta changed between runs: 0, 0.5, 0.25)."""
     e = run["metrics"]["eval"]
     own = (e["sampler"], e["steps"], e["eta"], e.get("sampling_precision", "float32"))
     return next((k for k, v in SAMPLERS.items() if v == own),

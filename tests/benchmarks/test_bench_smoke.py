@@ -65,10 +65,13 @@ def test_train_step_pipeline_and_memory_child(tmp_path):
 
 
 def test_sampling_tiny():
-    res = sampling.measure(bl.load("digits", TINY + bl.DIGITS_UNCONDITIONAL), 2, (2,), rounds=1, target_s=0.0)
+    def digits(*sets):  # the unconditional network the sampling benchmarks measure
+        return bl.load("digits", TINY + bl.DIGITS_UNCONDITIONAL + list(sets))
+
+    res = sampling.measure(digits(), 2, (2,), rounds=1, target_s=0.0)
     assert [r["name"] for r in res["rows"]] == ["ddpm4", "ddim2"]
     assert all(math.isfinite(r["overhead_vs_forward"]["median"]) for r in res["rows"])
-    prec = sampling.precision_rows(bl.load("digits", TINY + bl.DIGITS_UNCONDITIONAL + ["eval.batch_size=2"]), 2, rounds=1)
+    prec = sampling.precision_rows(digits("eval.batch_size=2"), 2, rounds=1)
     assert sorted(prec["img_per_s"]) == ["bfloat16", "float32"] and prec["batch"] == 2
     assert math.isfinite(prec["bf16_speedup"]["median"])
     cfg = sampling.guidance_rows(bl.load("digits_cond", TINY), 2, (3,), rounds=1)
@@ -76,7 +79,7 @@ def test_sampling_tiny():
     assert sorted(cfg["rows"][0]["step_s"]) == ["cfg", "cfg_one_call", "conditional"]
     assert all(math.isfinite(r[k]["median"]) and r[k]["median"] > 0
                for r in cfg["rows"] for k in ("cfg_cost", "cfg_one_call_cost"))
-    parts = sampling.parts_rows(bl.load("digits", TINY + bl.DIGITS_UNCONDITIONAL + ["eval.batch_size=3"]), 2, rounds=1)
+    parts = sampling.parts_rows(digits("eval.batch_size=3"), 2, rounds=1)
     assert sorted(parts["img_per_s"]) == ["2_parts", "one_call"] and parts["batch"] == 3
     assert math.isfinite(parts["parts_speedup"]["median"])
 
