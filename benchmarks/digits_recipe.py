@@ -323,7 +323,7 @@ def chart(payload: dict, budget: int) -> str:
             label = f"{recipe}, {own}"
             for ax, key in zip(axes, ("fid", "precision")):
                 ax.plot(secs, [p[key] for _, p in pts], marker="o", lw=1.2,
-                        color=f"C{sorted(RECIPES).index(recipe) % 10}",
+                        color=plt.get_cmap("tab20")(sorted(RECIPES).index(recipe) % 20),
                         ls=("-", "--", ":", "-.")[samplers.index(own) % 4],
                         label=None if label in labelled else label, alpha=0.8)
             labelled.add(label)
