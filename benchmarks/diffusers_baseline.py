@@ -288,7 +288,7 @@ def cmd_train(args) -> int:
                        num_inference_steps=args.sample_steps,
                        output_type="np").images  # [n, H, W, 1] in [0, 1]
         chunks.append(np.asarray(out, np.float32) * np.float32(2.0) - np.float32(1.0))
-        print(f"sampled {sum(len(c) for c in chunks)}/{args.num_samples}", flush=True)
+        print(f"sampled {done_n + len(out)}/{args.num_samples}", flush=True)
     sample_wall = time.perf_counter() - began
     sample_cpu = cpu_seconds() - cpu0
     images = np.concatenate(chunks).astype(np.float32)

@@ -13,11 +13,11 @@ recipe, the unconditional network (the default until 2026-12-04; the conditional
 runs at 0.990x its rate, so 2,970 steps). Each recipe gets the steps that fit in that time
 at its own rate relative to the reference's, measured first on this machine
 (``benchlib.TrainStep``, interleaved rounds of every recipe and the reference in one
-process; a recipe whose network and batch are the reference's, e.g. a loss weighting or the
-EMA, costs what it costs and is not measured; a rate is measured once, so every seed of a recipe gets
-the same steps, ``--recalibrate`` measures it again): a faster step buys more steps, and the cosine
-learning-rate decay ends at the budget. A ratio, not seconds,
-because this shared machine's speed drifts (seen: 2x within a day); what a run learns
+process; a recipe whose network and batch are the reference's, e.g. a loss weighting or
+the EMA, costs what the reference costs and is not measured; a rate is measured once, so
+every seed of a recipe gets the same steps, ``--recalibrate`` measures it again): a faster
+step buys more steps, and the cosine learning-rate decay ends at the budget. A ratio, not
+seconds, because this shared machine's speed drifts (seen: 2x within a day); what a run learns
 depends on its steps, not on how long they took.
 
 Each run is the real command, ``python -m ipu_diffusion train``, timed whole as ``make
@@ -135,9 +135,9 @@ def _changes_compute(recipe: str) -> bool:
 def _steps_for(recipe: str, relative: float, budget_steps: int, points: int) -> int:
     """Steps of ``recipe`` in the reference's ``budget_steps`` steps' time (a multiple of
     ``points``: a checkpoint at each 1/points)."""
-    default_batch = _config(REFERENCE).training.batch_size
+    reference_batch = _config(REFERENCE).training.batch_size
     batch = _config(recipe).training.batch_size
-    steps = budget_steps * relative * default_batch / batch
+    steps = budget_steps * relative * reference_batch / batch
     return max(points, int(round(steps / points)) * points)
 
 

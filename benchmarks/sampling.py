@@ -193,9 +193,14 @@ def guidance_rows(cfg, steps: int, batches, rounds: int, log=None) -> Dict[str, 
     return out
 
 
+def _digits():
+    """The digits config these benchmarks measure (guidance aside): the unconditional network."""
+    return bl.load("digits", bl.DIGITS_UNCONDITIONAL)
+
+
 def main() -> Dict[str, object]:
     def rows(full):
-        cfg, batch = bl.load("digits", bl.DIGITS_UNCONDITIONAL), 64 if full else 8
+        cfg, batch = _digits(), 64 if full else 8
         bl.log(f"sampling: digits, batch {batch}, load {os.getloadavg()[0]:.2f}")
         res = measure(cfg, batch, (100, 50, 20, 10) if full else (50, 10),
                       rounds=5 if full else 3, target_s=2.0 if full else 0.5, log=bl.log)
@@ -229,7 +234,7 @@ def _write(name: str, rows: Callable[[bool], Dict[str, object]]) -> Dict[str, ob
 
 def main_precision() -> Dict[str, object]:
     return _write("sampling_precision", lambda full: precision_rows(
-        bl.load("digits", bl.DIGITS_UNCONDITIONAL), 50 if full else 10, rounds=7 if full else 5, log=bl.log))
+        _digits(), 50 if full else 10, rounds=7 if full else 5, log=bl.log))
 
 
 def main_guidance() -> Dict[str, object]:
@@ -243,7 +248,7 @@ def main_guidance() -> Dict[str, object]:
 
 def main_parts() -> Dict[str, object]:
     return _write("sampling_parts", lambda full: parts_rows(
-        bl.load("digits", bl.DIGITS_UNCONDITIONAL), 50 if full else 10, rounds=7 if full else 5, log=bl.log))
+        _digits(), 50 if full else 10, rounds=7 if full else 5, log=bl.log))
 
 
 if __name__ == "__main__":

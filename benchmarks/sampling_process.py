@@ -17,7 +17,7 @@ Each round runs, in this order:
   ``torch.set_num_threads(2)``, ``OMP_WAIT_POLICY=PASSIVE`` (see diffusers_baseline.py).
 
 ``W`` defaults to a 1-step digits run made once in a temporary directory (not timed),
-unconditional (``model.num_classes=0``) like the diffusers side and like the digits
+unconditional (``machine.DIGITS_UNCONDITIONAL``) like the diffusers side and like the digits
 default when the recorded figures were measured;
 ``--workdir runs/digits`` samples the real ``make train`` run. Ratios are per round
 (ours / diffusers, lower is faster), median and spread over rounds. The fp32 samples'
